@@ -1,0 +1,193 @@
+"""The batched per-instance text encoder: CLIP text features of N class names under B per-image prompt prefixes.
+
+    encode_prompts(clip, prefix [B, P, D], classnames, suffix="{}.") -> [B, N, E]
+
+Prompt of image b for class c: [prefix_b (P input embeddings, SOS first)] [tokens of suffix.format(c)] [EOT],
+exactly what open_clip's encode_text computes on the full 77-token sequence, but with FAST_PATH.md's exact
+tricks: nothing after EOT; the prefix runs through the layers once per image and leaves its K/V; the suffixes
+of all prompts are packed at their true lengths (GEMMs over packed rows); attention is the prefix-shared op;
+layer 0's suffix work depends on the class only and runs once per class; the last layer runs on EOT rows only.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops.prefix_attention import prefix_attention
+
+__all__ = ["ClassSuffixes", "class_suffixes", "encode_prompts", "TextTower"]
+
+
+@dataclass(frozen=True)
+class ClassSuffixes:
+    """The token suffixes of a class list, packed. ids [T] (EOT closes each segment), pos [T] position of each
+    token within its segment, cu [N+1] int32 offsets, eot [N] rows of the EOT tokens, max_len the longest."""
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    cu: torch.Tensor
+    eot: torch.Tensor
+    max_len: int
+    lengths: tuple[int, ...]
+
+    def to(self, device) -> "ClassSuffixes":
+        return ClassSuffixes(self.ids.to(device), self.pos.to(device), self.cu.to(device), self.eot.to(device),
+                             self.max_len, self.lengths)
+
+    def chunk(self, start: int, stop: int) -> "ClassSuffixes":
+        """The classes start:stop, re-based to offset 0."""
+        a, b = int(self.cu[start]), int(self.cu[stop])
+        return ClassSuffixes(self.ids[a:b], self.pos[a:b], self.cu[start:stop + 1] - a, self.eot[start:stop] - a,
+                             max(self.lengths[start:stop]), self.lengths[start:stop])
+
+
+@functools.lru_cache(maxsize=64)
+def _suffix_tokens(tokenizer, classnames: tuple[str, ...], suffix: str) -> tuple[tuple[int, ...], ...]:
+    eot = tokenizer.eot_token_id
+    return tuple(tuple(tokenizer.encode(suffix.format(name))) + (eot,) for name in classnames)
+
+
+def class_suffixes(tokenizer, classnames, suffix: str = "{}.", prefix_len: int = 0,
+                   context_length: int = 77) -> ClassSuffixes:
+    """Tokenise (cached) and validate a class list. Raises ValueError naming the bad input before any work."""
+    if isinstance(classnames, str):
+        raise TypeError("classnames must be a list of names, not one string")
+    classnames = tuple(classnames)
+    if not classnames:
+        raise ValueError("the class list is empty")
+    bad = [repr(c) for c in classnames if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise ValueError(f"class names must be non-empty strings; got {', '.join(bad[:5])}")
+    if "{}" not in suffix:
+        raise ValueError(f"suffix {suffix!r} must contain '{{}}' where the class name goes")
+    toks = _suffix_tokens(tokenizer, classnames, suffix)
+    room = context_length - prefix_len
+    long = [(c, len(t)) for c, t in zip(classnames, toks) if len(t) > room]
+    if long:
+        name, n = long[0]
+        raise ValueError(f"class name {name!r} is too long: its prompt needs {prefix_len} prefix + {n} suffix "
+                         f"tokens (EOT included) > the text context of {context_length}"
+                         + (f" ({len(long)} names too long)" if len(long) > 1 else ""))
+    lengths = tuple(len(t) for t in toks)
+    cu = torch.zeros(len(toks) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    ids = torch.tensor([i for t in toks for i in t], dtype=torch.long)
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    return ClassSuffixes(ids, pos, cu, cu[1:].long() - 1, max(lengths), lengths)
+
+
+class TextTower:
+    """A read-only view of an open_clip CLIP text tower, run the fast way. Weights are the model's own."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.blocks = list(model.transformer.resblocks)
+        self.heads = self.blocks[0].attn.num_heads
+        self.width = model.token_embedding.weight.shape[1]
+        self.context_length = model.positional_embedding.shape[0]
+
+    # --- pieces of one open_clip ResidualAttentionBlock -------------------------------------------------------
+    def _qkv(self, blk, h: torch.Tensor, which: slice = slice(0, 3)) -> torch.Tensor:
+        """h [..., D] -> [..., n, H, Dh]: the q/k/v projections selected by `which` (n of them)."""
+        D = self.width
+        W = blk.attn.in_proj_weight.view(3, D, D)[which].reshape(-1, D)
+        b = blk.attn.in_proj_bias.view(3, D)[which].reshape(-1)
+        return F.linear(h, W, b).unflatten(-1, (-1, self.heads, D // self.heads))
+
+    def _finish(self, blk, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual + out-projection, then the MLP half of the block. attn [..., H, Dh]."""
+        x = x + blk.ls_1(blk.attn.out_proj(attn.flatten(-2)))
+        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+    # --- the two passes ---------------------------------------------------------------------------------------
+    def prefix_pass(self, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Run the prefix [B, P, D] through every layer once; return each layer's (K, V) [B, P, H, Dh]."""
+        P = prefix.shape[1]
+        x = prefix + self.model.positional_embedding[:P].to(prefix.dtype)
+        kv = []
+        for i, blk in enumerate(self.blocks):
+            q, k, v = self._qkv(blk, blk.ln_1(x)).unbind(-3)
+            kv.append((k, v))
+            if i + 1 < len(self.blocks):  # the last layer's prefix outputs reach no EOT token
+                a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   is_causal=True)
+                x = self._finish(blk, x, a.transpose(1, 2))
+        return kv
+
+    def suffix_pass(self, kv, suf: ClassSuffixes, P: int, dtype) -> torch.Tensor:
+        """Packed suffixes of N classes for B images against the prefix K/V: text features [B, N, E]."""
+        model, B = self.model, kv[0][0].shape[0]
+        scale = (self.width // self.heads) ** -0.5
+        # Layer-0 input depends on the class only: [T, D], shared by all images.
+        x = (model.token_embedding(suf.ids) + model.positional_embedding[P + suf.pos]).to(dtype)
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            pk, pv = kv[i]
+            h = blk.ln_1(x)
+            if i < last:
+                q, k, v = self._qkv(blk, h).expand(B, -1, -1, -1, -1).unbind(-3) if i == 0 else \
+                    self._qkv(blk, h).unbind(-3)
+                a = prefix_attention(q, k, v, pk, pv, suf.cu, suf.cu, suf.max_len, suf.max_len, scale)
+                x = self._finish(blk, x, a)                         # layer 0: [T, D] + [B, T, D] -> [B, T, D]
+            else:                                                    # last layer: queries and MLP at EOT only
+                k, v = self._qkv(blk, h, slice(1, 3)).unbind(-3)
+                if i == 0:
+                    k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+                h_eot, x_eot = h[..., suf.eot, :], x[..., suf.eot, :]
+                q = self._qkv(blk, h_eot, slice(0, 1)).squeeze(-3)
+                if i == 0:
+                    q, x_eot = q.expand(B, -1, -1, -1), x_eot.expand(B, -1, -1)
+                ones = torch.arange(len(suf.lengths) + 1, dtype=torch.int32, device=suf.cu.device)
+                a = prefix_attention(q, k, v, pk, pv, ones, suf.cu, 1, suf.max_len, scale)
+                x = self._finish(blk, x_eot, a)                      # [B, N, D]
+        x = model.ln_final(x)
+        proj = model.text_projection
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj.to(x.dtype)
+
+    def encode(self, prefix: torch.Tensor, suf: ClassSuffixes, max_rows: int = 1 << 16) -> torch.Tensor:
+        """Text features [B, N, E]; classes are processed in chunks of about max_rows packed rows (B x tokens)."""
+        kv = self.prefix_pass(prefix)
+        P, B, N = prefix.shape[1], prefix.shape[0], len(suf.lengths)
+        outs, start = [], 0
+        while start < N:
+            stop, rows = start, 0
+            while stop < N and (stop == start or rows + B * suf.lengths[stop] <= max_rows):
+                rows += B * suf.lengths[stop]
+                stop += 1
+            part = suf if (start, stop) == (0, N) else suf.chunk(start, stop)
+            outs.append(self.suffix_pass(kv, part, P, prefix.dtype))
+            start = stop
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+
+def _check_prefix(prefix: torch.Tensor, tower: TextTower) -> None:
+    if not isinstance(prefix, torch.Tensor) or prefix.dim() != 3 or prefix.shape[-1] != tower.width:
+        shape = tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__
+        raise ValueError(f"prefix must be a [B, P, {tower.width}] tensor of input embeddings; got {shape}")
+    if prefix.shape[0] < 1 or prefix.shape[1] < 1:
+        raise ValueError(f"prefix needs B >= 1 images and P >= 1 tokens (SOS first); got {tuple(prefix.shape)}")
+    if not prefix.is_floating_point():
+        raise ValueError(f"prefix must be floating point, got {prefix.dtype}")
+
+
+def encode_prompts(clip, prefix: torch.Tensor, classnames, *, suffix: str = "{}.", tokenizer=None,
+                   max_rows: int = 1 << 16) -> torch.Tensor:
+    """CLIP text features of every (image, class) prompt: [B, N, E]. Differentiable in `prefix`.
+
+    clip: an open_clip CLIP model (or `intcoop.backbone.Clip`); prefix: [B, P, D] input embeddings starting
+    with SOS (no positional embedding added); classnames: N names (duplicates allowed); suffix: the text after
+    the prefix, '{}' replaced by the name (EOT follows). tokenizer: open_clip's for the model (default CLIP BPE).
+    """
+    from .backbone import Clip, _tokenizer_for
+
+    if isinstance(clip, Clip):
+        tokenizer, clip = tokenizer or clip.tokenizer, clip.model
+    tokenizer = tokenizer or _tokenizer_for(clip, None)
+    tower = TextTower(clip)
+    _check_prefix(prefix, tower)
+    suf = class_suffixes(tokenizer, classnames, suffix, prefix.shape[1], tower.context_length)
+    return tower.encode(prefix, suf.to(prefix.device), max_rows)

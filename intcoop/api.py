@@ -34,7 +34,7 @@ def fast_logits(images, classnames, model: IntCoOp | None = None, *, batch_size:
     max_rows: packed suffix rows (images x class tokens) per text-encoder chunk. Returns float32 on CPU.
     """
     model = model if model is not None else default_model()
-    model.suffixes(classnames)                                   # validates the class list before any work
+    suf = model.suffixes(classnames)                             # validates the class list before any work
     x = to_batch(images, model.preprocess, image_size(model.clip))
     if model.attributes_mode == "oracle" and (attr_targets is None or len(attr_targets) != len(x)):
         raise ValueError("attributes='oracle' needs attr_targets [B, D] for the B images")
@@ -47,8 +47,7 @@ def fast_logits(images, classnames, model: IntCoOp | None = None, *, batch_size:
                 chunk = x[start:start + batch_size].to(model.device, model.dtype)
                 feats, tokens = model.image_features(chunk)
                 targets = attr_targets[start:start + batch_size].to(model.device) if attr_targets is not None else None
-                prefix = model.prompt_prefix(feats=feats, tokens=tokens, attr_targets=targets)
-                out.append(model.scores(feats, model.text_features(prefix, classnames, max_rows)).float().cpu())
+                out.append(model.logits_from_features(feats, tokens, suf, targets, max_rows).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out, 0)

@@ -17,7 +17,7 @@ from torch import nn
 from .backbone import Clip, image_features, load_clip
 from .config import ModelConfig
 from .prompts import PromptLearner
-from .text import TextTower, class_suffixes
+from .text import ClassSuffixes, TextTower, class_suffixes
 
 __all__ = ["IntCoOp", "ATTRIBUTE_MODES"]
 
@@ -114,8 +114,10 @@ class IntCoOp(nn.Module):
                               self.tower.context_length).to(self.device)
 
     def text_features(self, prefix: torch.Tensor, classnames, max_rows: int = 1 << 16) -> torch.Tensor:
-        """t_c(x) [B, N, E] through the fast encoder."""
-        return self.tower.encode(prefix, self.suffixes(classnames), max_rows)
+        """t_c(x) [B, N, E] through the fast encoder. classnames: names, or `self.suffixes(names)` (tokenised
+        once, outside any torch.compile region)."""
+        suf = classnames if isinstance(classnames, ClassSuffixes) else self.suffixes(classnames)
+        return self.tower.encode(prefix, suf, max_rows)
 
     def scores(self, feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """exp(logit_scale) * cos(f(x), t_c(x)) (+ logit_bias if the model has one): [B, N]."""
@@ -124,8 +126,11 @@ class IntCoOp(nn.Module):
         bias = getattr(self.clip, "logit_bias", None)
         return logits + bias if bias is not None else logits
 
+    def logits_from_features(self, feats, tokens, classnames, attr_targets=None, max_rows: int = 1 << 16):
+        """Logits [B, N] from the frozen tower's outputs (cached features; the compiled step's body)."""
+        prefix = self.prompt_prefix(feats=feats, tokens=tokens, attr_targets=attr_targets)
+        return self.scores(feats, self.text_features(prefix, classnames, max_rows))
+
     def forward(self, images: torch.Tensor, classnames, attr_targets=None) -> torch.Tensor:
         """Logits [B, N] for preprocessed images [B, 3, H, W]; differentiable in the prompt learner."""
-        feats, tokens = self.image_features(images)
-        prefix = self.prompt_prefix(feats=feats, tokens=tokens, attr_targets=attr_targets)
-        return self.scores(feats, self.text_features(prefix, classnames))
+        return self.logits_from_features(*self.image_features(images), classnames, attr_targets)

@@ -1,0 +1,51 @@
+"""Bench setup: names the machine and versions, pins threads, collects side-by-side ratios for a closing table.
+
+Each bench stores its comparison in `benchmark.extra_info` and calls `record(...)`; the table of all records is
+printed at the end of `pytest benches/` (and written to benches/last_run.md).
+"""
+import os
+import platform
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+THREADS = int(os.environ.get("INTCOOP_BENCH_THREADS", "2"))
+torch.set_num_threads(THREADS)
+_RECORDS: list[dict] = []
+
+
+def machine() -> str:
+    import open_clip
+    import triton
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({THREADS} threads used), {gpu}; "
+            f"python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}, "
+            f"open_clip {open_clip.__version__}")
+
+
+def pytest_report_header(config):
+    return f"intcoop benches on: {machine()}"
+
+
+@pytest.fixture
+def record():
+    def add(**row):
+        _RECORDS.append(row)
+    return add
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RECORDS:
+        return
+    from intcoop.evaluate import markdown_table
+
+    table = markdown_table(_RECORDS)
+    terminalreporter.write_sep("=", "intcoop: side-by-side results (same run)")
+    terminalreporter.write_line(f"machine: {machine()}")
+    terminalreporter.write(table)
+    with open(os.path.join(os.path.dirname(__file__), "last_run.md"), "w") as fh:
+        fh.write(f"machine: {machine()}\n\n{table}")

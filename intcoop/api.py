@@ -10,8 +10,11 @@ import functools
 import torch
 
 from .backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, image_size
-from .images import to_batch
+from open_clip import SimpleTokenizer
+
+from .images import open_all, to_batch
 from .model import IntCoOp
+from .text import class_suffixes
 
 __all__ = ["fast_logits", "default_model"]
 
@@ -33,7 +36,10 @@ def fast_logits(images, classnames, model: IntCoOp | None = None, *, batch_size:
     model: a trained or untrained IntCoOp; None uses `default_model()`. batch_size: images per chunk;
     max_rows: packed suffix rows (images x class tokens) per text-encoder chunk. Returns float32 on CPU.
     """
-    model = model if model is not None else default_model()
+    if model is None:                                            # check the inputs before loading weights
+        images = open_all(images)
+        class_suffixes(SimpleTokenizer(), classnames, "{}.", 5)
+        model = default_model()
     suf = model.suffixes(classnames)                             # validates the class list before any work
     x = to_batch(images, model.preprocess, image_size(model.clip))
     if model.attributes_mode == "oracle" and (attr_targets is None or len(attr_targets) != len(x)):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_image", "to_batch", "ImageInputError"]
+__all__ = ["load_image", "open_all", "to_batch", "ImageInputError"]
 
 # Modes that are images of light (converted to RGB); others (I;16, F, I: measurements) are refused.
 _COLOUR_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1", "LAB", "HSV", "RGBX", "RGBa", "La"}
@@ -61,10 +61,11 @@ def _check_tensor(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x
 
 
-def to_batch(images, preprocess, size: tuple[int, int]) -> torch.Tensor:
-    """[B, 3, H, W] float tensor from a tensor, one or several PIL images, or paths. All are checked first."""
+def open_all(images):
+    """Check and open every input that needs no model: a tensor (returned as is), else a list of RGB PIL images
+    (paths opened and decoded). Raises ImageInputError naming the first bad input."""
     if isinstance(images, torch.Tensor):
-        return _check_tensor(images, size)
+        return images
     from PIL import Image
 
     if isinstance(images, (str, os.PathLike, Image.Image)):
@@ -80,4 +81,12 @@ def to_batch(images, preprocess, size: tuple[int, int]) -> torch.Tensor:
             pil.append(_to_rgb(im, f"#{i}"))
         else:
             raise ImageInputError(f"image #{i} is a {type(im).__name__}; expected a path, a PIL image or a tensor")
-    return _check_tensor(torch.stack([preprocess(im) for im in pil]), size)
+    return pil
+
+
+def to_batch(images, preprocess, size: tuple[int, int]) -> torch.Tensor:
+    """[B, 3, H, W] float tensor from a tensor, one or several PIL images, or paths. All are checked first."""
+    images = open_all(images)
+    if isinstance(images, torch.Tensor):
+        return _check_tensor(images, size)
+    return _check_tensor(torch.stack([preprocess(im) for im in images]), size)

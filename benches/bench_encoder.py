@@ -94,3 +94,27 @@ def test_fast_logits(benchmark, record, model, B, N, B_ref):
     record(bench="fast_logits", B=B, N=N, fast_images_per_s=round(B / t_fast, 2),
            loop77_images_per_s=round(B_ref / t_ref, 3), speedup=round(ratio, 1),
            zero_shot_images_per_s=round(B / t_zs, 2), max_abs_diff=float((out[:B_ref] - ref.cpu()).abs().max()))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (bf16 throughput at N = 1000)")
+@pytest.mark.parametrize("B", [32, 256])
+def test_fast_logits_gpu_bf16(benchmark, record, model, B):
+    """Issue 3's target: N = 1000, bf16; images/s against the 77-token loop and zero-shot CLIP, peak memory."""
+    names = list(IMAGENET_CLASSNAMES)
+    m = model.to(torch.bfloat16)
+    try:
+        x = torch.randn(B, 3, 224, 224, generator=torch.Generator().manual_seed(B)).to(DEVICE, torch.bfloat16)
+        torch.cuda.reset_peak_memory_stats()
+        out = benchmark.pedantic(lambda: intcoop.fast_logits(x, names, m, batch_size=B, max_rows=1 << 22),
+                                 rounds=3, warmup_rounds=1, iterations=1)
+        t_fast, peak = benchmark.stats.stats.median, torch.cuda.max_memory_allocated() / 2**30
+        with torch.inference_mode():
+            t_ref, ref = _time(lambda: reference_logits(m, x[:2], names), 1)
+            t_zs, _ = _time(lambda: zero_shot_logits(m.clip, m.tokenizer, x, names), 2)
+        scale = float(m.clip.logit_scale.exp())          # compare cosines: bf16 tolerances are for O(1) values
+        assert_close(out[:2] / scale, ref.float().cpu() / scale, torch.bfloat16)
+    finally:
+        model.float()
+    record(bench="fast_logits bf16 GPU", B=B, N=1000, fast_images_per_s=round(B / t_fast, 1),
+           loop77_images_per_s=round(2 / t_ref, 2), speedup=round((t_ref / 2) / (t_fast / B), 1),
+           zero_shot_images_per_s=round(B / t_zs, 1), peak_GiB=round(peak, 2))

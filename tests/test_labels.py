@@ -6,51 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
+from intcoop.demo import build_tiny_blip2
 from intcoop.labels import (FIELDS, LabelsFileError, ModelUnavailableError, label_images, parse_answer,
                             read_labels, write_labels)
 
-WORDS = ["<pad>", "<unk>", "</s>", "Question:", "Which", "one", "adjective", "best", "describes", "the", "in",
-         "this", "image?", "Answer:", "fluffy", "red", "old", "cat", "a", "is", "."]
-
-
 @pytest.fixture(scope="module")
 def tiny_blip2(tmp_path_factory):
-    """A tiny random BLIP-2 (vision 32 px / patch 8, 1-layer Q-Former and OPT) saved to a folder.
-
-    Its OPT is rigged to always emit "fluffy": final LayerNorm outputs a constant vector b and the (tied)
-    embedding row of "fluffy" is b, so greedy decoding picks it at every step.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
-                              PreTrainedTokenizerFast)
-    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    proc = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=fast,
-                          num_query_tokens=4)
-    V = len(proc.tokenizer)  # + the "<image>" token the processor adds
-    cfg = Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        qformer_config=dict(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=64),
-        text_config=dict(model_type="opt", vocab_size=V, hidden_size=32, word_embed_proj_dim=32,
-                         num_hidden_layers=1, ffn_dim=64, num_attention_heads=2, max_position_embeddings=128,
-                         bos_token_id=2, eos_token_id=2, pad_token_id=0),
-        num_query_tokens=4, image_token_index=proc.tokenizer.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(0)
-    net = Blip2ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        ln = net.language_model.model.decoder.final_layer_norm
-        ln.weight.zero_()
-        ln.bias.fill_(1.0)
-        net.language_model.get_input_embeddings().weight[WORDS.index("fluffy")] = 1.0
-    folder = tmp_path_factory.mktemp("tiny_blip2")
-    net.save_pretrained(folder)
-    proc.save_pretrained(folder)
-    return str(folder)
+    """A tiny random BLIP-2 saved to a folder, rigged to answer "fluffy" at every step."""
+    return build_tiny_blip2(tmp_path_factory.mktemp("tiny_blip2"), always="fluffy")
 
 
 @pytest.fixture(scope="module")

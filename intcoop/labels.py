@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
+
+from .config import atomic_write_bytes
 
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 DEFAULT_QUESTION = "Question: Which one adjective best describes the {} in this image? Answer:"
@@ -148,19 +149,7 @@ def write_labels(path: str | os.PathLike, records: Iterable[dict] | dict[str, di
     recs = list(records.values()) if isinstance(records, dict) else list(records)
     for j, r in enumerate(recs):
         validate_record(r, f"record {j}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(_line(r) for r in recs))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, "".join(_line(r) for r in recs).encode("utf-8"))
 
 
 def attributes_by_id(records: dict[str, dict]) -> dict[str, str | None]:
@@ -177,19 +166,6 @@ def _append(path: Path, recs: list[dict]) -> None:
         f.write("".join(_line(r) for r in recs))
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:  # makes the rename durable; not possible on every platform
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -------------------------------------------------------------------------------------------- BLIP-2

@@ -18,26 +18,14 @@ torch (deterministic, no atomics).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import LOG2E, f32_dots, last_contiguous, mm
+
 __all__ = ["TritonPatchPool", "fwd", "bwd"]
-
-LOG2E = 1.4426950408889634  # host side; the kernels write the constants inline
-
-
-@triton.jit
-def _mm(a, b, acc, F32: tl.constexpr):
-    """acc + a @ b in fp32. F32 upcasts the operands: triton 3.8's CPU interpreter gets bf16 tl.dot wrong."""
-    if F32:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    return acc
-
 
 @triton.jit
 def _fwd_kernel(
@@ -71,14 +59,14 @@ def _fwd_kernel(
             k_ok = (k0 + kk) < W
             qt = tl.load(QT + r[:, None] * sqr + (k0 + kk)[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             z = tl.load(zb + ls[:, None] * szl + (k0 + kk)[None, :], mask=l_ok[:, None] & k_ok[None, :], other=0.0)
-            s = _mm(qt, tl.trans(z), s, F32)
+            s = mm(qt, tl.trans(z), s, F32)
         s = tl.where(l_ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         zw = tl.load(zb + ls[:, None] * szl + wo[None, :], mask=l_ok[:, None] & wo_ok[None, :], other=0.0)
-        acc = _mm(p.to(zw.dtype), zw, acc * alpha[:, None], F32)
+        acc = mm(p.to(zw.dtype), zw, acc * alpha[:, None], F32)
         m = m_new
 
     out = acc / l[:, None]
@@ -117,8 +105,8 @@ def _bwd_scores_kernel(
                     other=0.0)
         do = tl.load(DPO + b * sdb + r[:, None] * sdr + (k0 + kk)[None, :], mask=rmask, other=0.0)
         po = tl.load(PO + b * spb + r[:, None] * spr + (k0 + kk)[None, :], mask=rmask, other=0.0)
-        s = _mm(qt, tl.trans(z), s, F32)
-        dp = _mm(do, tl.trans(z), dp, F32)
+        s = mm(qt, tl.trans(z), s, F32)
+        dp = mm(do, tl.trans(z), dp, F32)
         delta += tl.sum(do.to(tl.float32) * po.to(tl.float32), 1)
     lse2 = tl.load(LSE + b * R + r, mask=r_ok, other=0.0) * 1.4426950408889634
     ok = r_ok[:, None] & l_ok[None, :]
@@ -156,8 +144,8 @@ def _bwd_dz_kernel(
         wmask = r_ok[:, None] & w_ok[None, :]
         do = tl.load(DPO + b * sdb + r[:, None] * sdr + w[None, :], mask=wmask, other=0.0)       # [BLOCK_R, BLOCK_W]
         qt = tl.load(QT + r[:, None] * sqr + w[None, :], mask=wmask, other=0.0)
-        acc = _mm(pt.to(do.dtype), do, acc, F32)
-        acc = _mm(dst.to(qt.dtype), qt, acc, F32)
+        acc = mm(pt.to(do.dtype), do, acc, F32)
+        acc = mm(dst.to(qt.dtype), qt, acc, F32)
     tl.store(DZ + (b * L + ls[:, None]) * W + w[None, :], acc.to(DZ.dtype.element_ty),
              mask=l_ok[:, None] & w_ok[None, :])
 
@@ -188,20 +176,11 @@ def _bwd_dqt_kernel(
                          other=0.0)
             z = tl.load(Z + b64 * szb + ls[:, None] * szl + w[None, :], mask=l_ok[:, None] & w_ok[None, :],
                         other=0.0)
-            acc = _mm(ds.to(z.dtype), z, acc, F32)
+            acc = mm(ds.to(z.dtype), z, acc, F32)
     tl.store(DQT_WS + (chunk * R + r[:, None]) * W + w[None, :], acc, mask=r_ok[:, None] & w_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-
-def _f32_dots(dtype: torch.dtype) -> bool:
-    """Upcast tl.dot operands only where the interpreter would get them wrong (bf16 on the CPU interpreter)."""
-    return os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.bfloat16
-
-
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
 
 def _check(qt, z):
     if qt.dim() != 2 or z.dim() != 3 or qt.shape[1] != z.shape[2]:
@@ -225,7 +204,7 @@ def bwd_blocks(R: int, W: int, block_l=None, block_w=None) -> dict:
 def fwd(qt, z, scale: float, *, block_l=None, block_wo=None):
     """pooled [B, R, W] (z's dtype), lse [B, R] float32. block_l / block_wo override the tile sizes."""
     _check(qt, z)
-    qt, z = _last_contiguous(qt), _last_contiguous(z)
+    qt, z = last_contiguous(qt), last_contiguous(z)
     (R, W), (B, L) = qt.shape, z.shape[:2]
     pooled = torch.empty((B, R, W), dtype=z.dtype, device=z.device)
     lse = torch.empty((B, R), dtype=torch.float32, device=z.device)
@@ -236,7 +215,7 @@ def fwd(qt, z, scale: float, *, block_l=None, block_wo=None):
     c = fwd_blocks(R, W, block_l, block_wo)
     _fwd_kernel[(triton.cdiv(W, c["BLOCK_WO"]), triton.cdiv(R, c["BLOCK_R"]), B)](
         qt, z, pooled, lse, qt.stride(0), z.stride(0), z.stride(1), R, L, W, float(scale) * LOG2E,
-        **c, F32=_f32_dots(z.dtype))
+        **c, F32=f32_dots(z.dtype))
     return pooled, lse
 
 
@@ -255,9 +234,9 @@ def bwd(dpooled, qt, z, pooled, lse, scale: float, need_dz: bool, *, block_l=Non
     if dpooled.shape != (B, R, W) or pooled.shape != (B, R, W) or lse.shape != (B, R):
         raise ValueError(f"patch_pool bwd: dpooled {tuple(dpooled.shape)} and pooled {tuple(pooled.shape)} must be "
                          f"{(B, R, W)}, lse {tuple(lse.shape)} {(B, R)}")
-    dpooled, qt, z, pooled = map(_last_contiguous, (dpooled, qt, z, pooled))
+    dpooled, qt, z, pooled = map(last_contiguous, (dpooled, qt, z, pooled))
     lse = lse.to(torch.float32).contiguous()
-    dev, f32 = z.device, _f32_dots(z.dtype)
+    dev, f32 = z.device, f32_dots(z.dtype)
     dz = torch.empty((B, L, W), dtype=z.dtype, device=dev) if need_dz else z.new_empty(0)
     if B == 0 or R == 0 or L == 0:
         return torch.zeros_like(qt), (dz.zero_() if need_dz else dz)

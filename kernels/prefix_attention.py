@@ -18,26 +18,14 @@ torch (deterministic, no atomics; one chunk per (image, head) when there are eno
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import LOG2E, f32_dots, last_contiguous, mm
+
 __all__ = ["TritonPrefixAttention", "fwd", "bwd"]
-
-LOG2E = 1.4426950408889634  # host side; the kernels write the constants inline
-
-
-@triton.jit
-def _mm(a, b, acc, F32: tl.constexpr):
-    """acc + a @ b in fp32. F32 upcasts the operands: triton 3.8's CPU interpreter gets bf16 tl.dot wrong."""
-    if F32:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    return acc
-
 
 @triton.jit
 def _row_ranges(SEG_Q, CU_Q, CU_K, rows, row_ok):
@@ -81,12 +69,12 @@ def _fwd_kernel(
     pv = tl.load(PV + b * spvb + h * spvh + pr[:, None] * spvp + d[None, :], mask=pmask, other=0.0)
 
     # Prefix keys first: P >= 1, so every row's running max is finite from here on.
-    s = _mm(q, tl.trans(pk), tl.zeros([BLOCK_M, BLOCK_P], tl.float32), F32) * qk_scale
+    s = mm(q, tl.trans(pk), tl.zeros([BLOCK_M, BLOCK_P], tl.float32), F32) * qk_scale
     s = tl.where(p_ok[None, :], s, float("-inf"))
     m = tl.max(s, 1)
     p = tl.exp2(s - m[:, None])
     l = tl.sum(p, 1)
-    acc = _mm(p.to(pv.dtype), pv, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), F32)
+    acc = mm(p.to(pv.dtype), pv, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), F32)
 
     n_lo = tl.min(tl.where(row_ok, lo, Tk))
     n_hi = tl.max(tl.where(row_ok, hi, -1)) + 1
@@ -95,14 +83,14 @@ def _fwd_kernel(
         kmask = (cols < n_hi)[:, None] & d_ok[None, :]
         k = tl.load(K + b * skb + h * skh + cols[:, None] * skt + d[None, :], mask=kmask, other=0.0)
         v = tl.load(V + b * svb + h * svh + cols[:, None] * svt + d[None, :], mask=kmask, other=0.0)
-        sn = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), F32) * qk_scale
+        sn = mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), F32) * qk_scale
         ok = (cols[None, :] >= lo[:, None]) & (cols[None, :] <= hi[:, None])
         sn = tl.where(ok, sn, float("-inf"))
         m_new = tl.maximum(m, tl.max(sn, 1))
         alpha = tl.exp2(m - m_new)
         pn = tl.exp2(sn - m_new[:, None])
         l = l * alpha + tl.sum(pn, 1)
-        acc = _mm(pn.to(v.dtype), v, acc * alpha[:, None], F32)
+        acc = mm(pn.to(v.dtype), v, acc * alpha[:, None], F32)
         m = m_new
 
     out = acc / l[:, None]
@@ -157,13 +145,13 @@ def _bwd_dq_kernel(
         tl.store(DELTA + (b * H + h) * Tq + rows, delta, mask=row_ok)
         lse2 = tl.load(LSE + (b * H + h) * Tq + rows, mask=row_ok, other=0.0) * 1.4426950408889634
 
-        s = _mm(q, tl.trans(pk), tl.zeros([BLOCK_M, BLOCK_P], tl.float32), F32) * qk_scale
+        s = mm(q, tl.trans(pk), tl.zeros([BLOCK_M, BLOCK_P], tl.float32), F32) * qk_scale
         p = tl.where(row_ok[:, None] & p_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _mm(do, tl.trans(pv), tl.zeros([BLOCK_M, BLOCK_P], tl.float32), F32)
+        dp = mm(do, tl.trans(pv), tl.zeros([BLOCK_M, BLOCK_P], tl.float32), F32)
         ds = p * (dp - delta[:, None])
-        dq = _mm(ds.to(pk.dtype), pk, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), F32)
-        dpv = _mm(tl.trans(p).to(do.dtype), do, dpv, F32)
-        dpk = _mm(tl.trans(ds).to(q.dtype), q, dpk, F32)
+        dq = mm(ds.to(pk.dtype), pk, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), F32)
+        dpv = mm(tl.trans(p).to(do.dtype), do, dpv, F32)
+        dpk = mm(tl.trans(ds).to(q.dtype), q, dpk, F32)
 
         n_lo = tl.min(tl.where(row_ok, lo, Tk))
         n_hi = tl.max(tl.where(row_ok, hi, -1)) + 1
@@ -172,12 +160,12 @@ def _bwd_dq_kernel(
             kmask = (cols < n_hi)[:, None] & d_ok[None, :]
             k = tl.load(K + b * skb + h * skh + cols[:, None] * skt + d[None, :], mask=kmask, other=0.0)
             v = tl.load(V + b * svb + h * svh + cols[:, None] * svt + d[None, :], mask=kmask, other=0.0)
-            sn = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), F32) * qk_scale
+            sn = mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), F32) * qk_scale
             ok = row_ok[:, None] & (cols[None, :] >= lo[:, None]) & (cols[None, :] <= hi[:, None])
             pn = tl.where(ok, tl.exp2(sn - lse2[:, None]), 0.0)
-            dpn = _mm(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), F32)
+            dpn = mm(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), F32)
             dsn = pn * (dpn - delta[:, None])
-            dq = _mm(dsn.to(k.dtype), k, dq, F32)
+            dq = mm(dsn.to(k.dtype), k, dq, F32)
         tl.store(DQ + ((b * Tq + rows[:, None]) * H + h) * Dh + d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=qmask)
 
@@ -229,13 +217,13 @@ def _bwd_dkdv_kernel(
         do = tl.load(DOUT + b * sdb + h * sdh + rows[:, None] * sdt + d[None, :], mask=qmask, other=0.0)
         lse2 = tl.load(LSE + (b * H + h) * Tq + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + (b * H + h) * Tq + rows, mask=row_ok, other=0.0)
-        st = _mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), F32) * qk_scale
+        st = mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), F32) * qk_scale
         ok = (rows[None, :] >= q_lo[:, None]) & (rows[None, :] < q_hi[:, None])
         pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
-        dv = _mm(pt.to(do.dtype), do, dv, F32)
-        dpt = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), F32)
+        dv = mm(pt.to(do.dtype), do, dv, F32)
+        dpt = mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), F32)
         dst = pt * (dpt - delta[None, :])
-        dk = _mm(dst.to(q.dtype), q, dk, F32)
+        dk = mm(dst.to(q.dtype), q, dk, F32)
 
     out = ((b * Tk + cols[:, None]) * H + h) * Dh + d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
@@ -243,19 +231,6 @@ def _bwd_dkdv_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _f32_dots(dtype: torch.dtype) -> bool:
-    """Upcast tl.dot operands only where the interpreter would get them wrong (bf16 on the CPU interpreter)."""
-    return _interpreting() and dtype == torch.bfloat16
-
-
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
 
 def _segments(cu: torch.Tensor, n: int) -> torch.Tensor:
     """[n] int32: the segment of each packed row (empty segments are skipped); no host sync."""
@@ -295,7 +270,7 @@ def _strides(*ts):
 def fwd(q, k, v, pk, pv, cu_q, cu_k, max_q: int, max_k: int, scale: float, *, block_m=None, block_n=None):
     """out [B, Tq, H, Dh] (q's dtype), lse [B, H, Tq] float32. block_m / block_n override the tile sizes."""
     _check(q, k, v, pk, pv, cu_q, cu_k)
-    q, k, v, pk, pv = map(_last_contiguous, (q, k, v, pk, pv))
+    q, k, v, pk, pv = map(last_contiguous, (q, k, v, pk, pv))
     cu_q, cu_k = cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous()
     B, Tq, H, Dh = q.shape
     Tk, P = k.shape[1], pk.shape[1]
@@ -306,7 +281,7 @@ def fwd(q, k, v, pk, pv, cu_q, cu_k, max_q: int, max_k: int, scale: float, *, bl
     c = blocks(P, Dh, max_q, block_m, block_n)
     _fwd_kernel[(H, triton.cdiv(Tq, c["BLOCK_M"]), B)](
         q, k, v, pk, pv, out, lse, cu_q, cu_k, _segments(cu_q, Tq), *_strides(q, k, v, pk, pv),
-        Tq, Tk, P, H, Dh, float(scale) * LOG2E, **c, F32=_f32_dots(q.dtype))
+        Tq, Tk, P, H, Dh, float(scale) * LOG2E, **c, F32=f32_dots(q.dtype))
     return out, lse
 
 
@@ -325,7 +300,7 @@ def bwd(dout, q, k, v, pk, pv, out, lse, cu_q, cu_k, max_q: int, max_k: int, sca
     if dout.shape != q.shape or out.shape != q.shape or lse.shape != (q.shape[0], q.shape[2], q.shape[1]):
         raise ValueError(f"prefix_attention bwd: dout {tuple(dout.shape)}, out {tuple(out.shape)} must be "
                          f"{tuple(q.shape)} and lse {tuple(lse.shape)} [B, H, Tq]")
-    dout, q, k, v, pk, pv, out = map(_last_contiguous, (dout, q, k, v, pk, pv, out))
+    dout, q, k, v, pk, pv, out = map(last_contiguous, (dout, q, k, v, pk, pv, out))
     lse = lse.to(torch.float32).contiguous()
     cu_q, cu_k = cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous()
     B, Tq, H, Dh = q.shape
@@ -337,7 +312,7 @@ def bwd(dout, q, k, v, pk, pv, out, lse, cu_q, cu_k, max_q: int, max_k: int, sca
     if B == 0 or Tq == 0:
         return dq, dk.zero_(), dv.zero_(), torch.zeros_like(pk), torch.zeros_like(pv)
     c = blocks(P, Dh, max_q, block_m, block_n)
-    f32 = _f32_dots(q.dtype)
+    f32 = f32_dots(q.dtype)
     n_tiles = triton.cdiv(Tq, c["BLOCK_M"])
     chunks = max(1, min(n_tiles, n_chunks or _num_chunks(n_tiles, B * H, dev)))
     per_chunk = triton.cdiv(n_tiles, chunks)

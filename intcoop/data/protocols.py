@@ -18,10 +18,10 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from ..config import atomic_write_bytes
 from .types import Item, Splits
 
 CACHE_FORMAT = "intcoop-fewshot-v1"
@@ -86,18 +86,7 @@ def write_cache(path: Path, splits: Splits, shots: int, seed: int, train: list[I
         "train": [[it.id, it.label, it.classname] for it in train],
         "val": [[it.id, it.label, it.classname] for it in val],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, json.dumps(doc).encode("utf-8"))
 
 
 def read_cache(path: Path, splits: Splits, shots: int, seed: int) -> tuple[list[Item], list[Item]]:

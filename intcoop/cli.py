@@ -88,7 +88,7 @@ def cmd_eval(args) -> int:
     from .data import load_dataset
     from .evaluate import evaluate_splits, write_table
     from .labels import attributes_by_id, read_labels
-    from .train import load_trained
+    from .checkpoint import load_trained
 
     model = load_trained(args.checkpoint).to(args.device)
     if args.attributes:
@@ -120,7 +120,7 @@ def cmd_logits(args) -> int:
 
     model = None
     if args.checkpoint:
-        from .train import load_trained
+        from .checkpoint import load_trained
         model = load_trained(args.checkpoint)
     names = _classnames(args.classes)
     logits = intcoop.fast_logits(args.images, names, model)

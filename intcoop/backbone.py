@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["Clip", "load_clip", "image_features", "WeightsUnavailable", "check_supported"]
+__all__ = ["Clip", "load_clip", "image_features", "WeightsUnavailable", "check_supported", "register_tiny_clip",
+           "TINY_CLIP"]
 
 DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-16", "openai"
+TINY_CLIP = "intcoop-tiny"   # a test-sized open_clip config shipped in intcoop/configs (use with pretrained=None)
+
+
+def register_tiny_clip() -> str:
+    """Make `intcoop-tiny` an open_clip model name (intcoop/configs/intcoop-tiny.json: the real BPE vocabulary and
+    77-token context, towers of width 64, 2 layers, 32 px images); idempotent."""
+    import open_clip
+
+    if TINY_CLIP not in open_clip.list_models():
+        open_clip.add_model_config(Path(__file__).with_name("configs") / f"{TINY_CLIP}.json")
+    return TINY_CLIP
 
 
 class WeightsUnavailable(RuntimeError):
@@ -59,6 +72,8 @@ def load_clip(clip_or_name="ViT-B-16", pretrained: str | None = None, *, device=
             preprocess = open_clip.image_transform(size, is_train=False)
         clip = Clip(model, preprocess, tokenizer or _tokenizer_for(model, None))
     elif isinstance(clip_or_name, str):
+        if clip_or_name == TINY_CLIP:
+            register_tiny_clip()
         if clip_or_name not in open_clip.list_models():
             raise ValueError(f"unknown open_clip model {clip_or_name!r}; see open_clip.list_models()")
         try:

@@ -67,20 +67,10 @@ def cmd_label(args) -> int:
 
 # --- train --------------------------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from .train import train_main
+    from .train import run_from_args
 
-    overrides = dict(_parse_set(s) for s in args.set)
-    train_main(args.config, overrides, resume=args.resume)
+    run_from_args(args)
     return 0
-
-
-def _parse_set(text: str):
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or "." not in key:
-        raise ValueError(f"--set wants section.field=value (e.g. train.lr=0.01), got {text!r}")
-    return key, yaml.safe_load(value)
 
 
 # --- eval ---------------------------------------------------------------------------------------------------------
@@ -166,10 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.set_defaults(fn=cmd_label)
 
-    s = sub.add_parser("train", help="train prompts from a YAML config (see intcoop/configs/)")
-    s.add_argument("--config", required=True, help="YAML file with sections model, data, train")
-    s.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
-    s.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    from .train import add_train_arguments
+    s = add_train_arguments(sub.add_parser("train", help="train prompts from a YAML config (see intcoop/configs/)"))
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("eval", help="accuracy of a checkpoint on a split (base / novel / harmonic mean)")

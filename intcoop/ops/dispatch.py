@@ -3,7 +3,8 @@
 Each backend declares what it supports (devices, dtypes, head dims) and, for given inputs, the list of
 reasons it cannot run them (`not_supported_reasons`, after xformers). `choose(op, *tensors)` walks the priority
 list and returns the first backend with no reasons; when none fits it raises one error naming every backend
-and why. `INTCOOP_BACKEND=<name>` forces a backend (an error, with its reasons, if it cannot run).
+and why. `INTCOOP_BACKEND=<name>` forces a backend for every op it implements (an error, with its reasons, if it cannot
+run them); ops it does not implement at all (patch_pool has no C++ CPU kernel) keep the usual choice.
 
 Backends, in order of preference:
     triton  kernels in `intcoop.kernels` (CUDA; CPU tensors too when TRITON_INTERPRET=1 and forced)
@@ -13,7 +14,6 @@ Backends, in order of preference:
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -139,28 +139,17 @@ def forced_backend() -> str | None:
     return None if name == "auto" else name
 
 
-def _order(device: torch.device) -> list[Backend]:
-    # On the CPU the C++ op and the torch path are measured side by side in benches/bench_ops.py; the
-    # order below follows that measurement (see benches/RESULTS.md).
-    return [_BY_NAME[n] for n in _cpu_order()] if device.type == "cpu" else BACKENDS
-
-
-@functools.lru_cache(None)
-def _cpu_order() -> tuple[str, ...]:
-    return ("triton", "cuda", "cpp", "torch")
-
-
 def choose(op: str, *tensors: torch.Tensor, head_dim: int | None = None):
     """The implementation of `op` for these inputs: the forced backend, or the first that fits."""
     forced = forced_backend()
-    if forced:
+    if forced and (_BY_NAME[forced].load_error() or op in _BY_NAME[forced].ops):
         backend = _BY_NAME[forced]
         reasons = backend.not_supported_reasons(op, *tensors, head_dim=head_dim)
         if reasons:
             raise RuntimeError(f"{ENV}={forced} cannot run {op}: " + "; ".join(reasons))
         return backend.ops[op]
     why = {}
-    for backend in _order(tensors[0].device):
+    for backend in BACKENDS:      # on the CPU, cpp beats torch by 5-10x (benches/bench_ops_cpu.py)
         if backend.name == "triton" and tensors[0].device.type == "cpu":
             why[backend.name] = ["the Triton interpreter runs only when forced (INTCOOP_BACKEND=triton)"]
             continue

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip", default="ViT-B-16", help="open_clip model name (random weights; offline)")
     s.add_argument("--classes", type=int, default=5)
     s.add_argument("--shots", type=int, default=16)
-    s.add_argument("--epochs", type=int, default=5)
+    s.add_argument("--epochs", type=int, default=10)
     s.set_defaults(fn=cmd_demo)
 
     for name in ("explain", "experiment"):

@@ -87,6 +87,13 @@ class PromptLearner(nn.Module):
                  embed_dim: int, patch_width: int | None, conditioning: str = "attention", heads: int = 8,
                  attr_tokens: int = 1, attr_hidden: int = 512, seed: int = 0):
         super().__init__()
+        with torch.random.fork_rng(devices=[]):   # every layer's init draws from `seed`, not the global RNG
+            torch.manual_seed(seed)
+            self._build(token_embedding, sos_id, init_ids, n_ctx, embed_dim, patch_width, conditioning, heads,
+                        attr_tokens, attr_hidden)
+
+    def _build(self, token_embedding, sos_id, init_ids, n_ctx, embed_dim, patch_width, conditioning, heads,
+               attr_tokens, attr_hidden):
         width = token_embedding.shape[1]
         self.register_buffer("sos", token_embedding[sos_id].detach().clone(), persistent=False)
         if init_ids:
@@ -94,7 +101,7 @@ class PromptLearner(nn.Module):
                 raise ValueError(f"context init has {len(init_ids)} tokens but n_ctx = {n_ctx}")
             ctx = token_embedding[torch.tensor(init_ids)].detach().clone()
         else:
-            ctx = torch.randn(n_ctx, width, generator=torch.Generator().manual_seed(seed)) * 0.02
+            ctx = torch.randn(n_ctx, width) * 0.02
         self.ctx = nn.Parameter(ctx)
         self.conditioning = conditioning
         if conditioning == "attention":

@@ -19,12 +19,10 @@ import statistics
 import threading
 import time
 
-import open_clip
 import pytest
 import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-import intcoop
 from intcoop import losses
 from intcoop.config import TrainConfig
 from intcoop.reference import encode_prompts_reference
@@ -37,13 +35,8 @@ TC = TrainConfig()                                       # lambda_attr 1, lambda
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = intcoop.IntCoOp.from_clip(open_clip.create_model("ViT-B-16", pretrained=None))
-    with torch.no_grad():                                # a trained-looking prompt: every learned part active
-        for p in m.prompt.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return m.to(DEVICE).eval()
+def model(vit_b16_model):
+    return vit_b16_model
 
 
 def _inputs(model, B, names, seed=0):

@@ -31,6 +31,19 @@ def pytest_report_header(config):
     return f"intcoop benches on: {machine()}"
 
 
+@pytest.fixture(scope="session")
+def vit_b16_model():
+    """An IntCoOp on a ViT-B-16-shaped CLIP with random weights, every learned part active, on the bench device."""
+    import open_clip
+
+    import intcoop
+    from intcoop.testing import perturb_prompt
+
+    torch.manual_seed(0)
+    model = perturb_prompt(intcoop.IntCoOp.from_clip(open_clip.create_model("ViT-B-16", pretrained=None)), std=0.02)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
 @pytest.fixture
 def record():
     def add(**row):

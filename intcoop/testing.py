@@ -22,6 +22,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{msg}\n{m}" if msg else m)
 
 
+def perturb_prompt(model, seed: int = 0, std: float = 0.05):
+    """Add seeded noise to every learned parameter of an IntCoOp (W_o included), so that no identity holds by
+    accident and every learned part is active. Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.prompt.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p) * std)
+    return model
+
+
 def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
     """[S+1] int32 offsets of segments of the given lengths."""
     out = torch.zeros(len(lengths) + 1, dtype=torch.int32)

@@ -3,15 +3,12 @@ import pytest
 import torch
 
 import intcoop
-from intcoop.testing import assert_close
+from intcoop.testing import assert_close, perturb_prompt
 
 
 @pytest.fixture(scope="module")
 def setup(clip_tiny):
-    model = intcoop.IntCoOp.from_clip(clip_tiny)
-    with torch.no_grad():
-        for p in model.prompt.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturb_prompt(intcoop.IntCoOp.from_clip(clip_tiny))
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     feats, tokens = model.image_features(x)
     return model, feats, tokens, model.suffixes(["cat", "dog", "crane", "crane", "t-shirt/top"])

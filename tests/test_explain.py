@@ -20,7 +20,7 @@ import intcoop
 from intcoop.explain import attribute_quality, explain, write_report
 from intcoop.images import ImageInputError, to_batch
 from intcoop.report import overlay
-from intcoop.testing import assert_close
+from intcoop.testing import assert_close, perturb_prompt
 from intcoop.vocab import decode, token_table
 
 NAMES = ["cat", "astronaut", "coffee", "rocket", "crane", "crane", "flower"]
@@ -28,10 +28,8 @@ NAMES = ["cat", "astronaut", "coffee", "rocket", "crane", "crane", "flower"]
 
 def _sharpen(model, seed=0):
     """Random prompt parameters, and queries scaled up so that the attention maps are far from uniform."""
-    g = torch.Generator().manual_seed(seed)
+    perturb_prompt(model, seed)
     with torch.no_grad():
-        for p in model.prompt.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
         if model.config.conditioning == "attention":
             model.prompt.cond.q.weight.mul_(40.0)
     return model.eval()

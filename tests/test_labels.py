@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-import torch
 from PIL import Image
 
 from intcoop.demo import build_tiny_blip2

@@ -6,18 +6,9 @@ import intcoop
 from intcoop.backbone import WeightsUnavailable, image_size
 from intcoop.images import to_batch
 from intcoop.reference import reference_logits, zero_shot_logits
-from intcoop.testing import assert_close
+from intcoop.testing import assert_close, perturb_prompt
 
 NAMES = ["astronaut", "cat", "coffee", "rocket", "crane", "crane", "flower"]
-
-
-def _perturb(model, seed=0):
-    """Random values for every learned parameter (W_o included) so no identity holds by accident."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.prompt.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 def test_untrained_model_is_clip_zero_shot(clip_b16, photos):
@@ -34,7 +25,7 @@ def test_untrained_model_is_clip_zero_shot(clip_b16, photos):
 @pytest.mark.parametrize("conditioning", ["attention", "additive", "none"])
 @pytest.mark.parametrize("attributes", ["predicted", "shuffled", "off"])
 def test_fast_equals_reference(clip_tiny, conditioning, attributes):
-    model = _perturb(intcoop.IntCoOp.from_clip(clip_tiny, conditioning=conditioning, attributes=attributes))
+    model = perturb_prompt(intcoop.IntCoOp.from_clip(clip_tiny, conditioning=conditioning, attributes=attributes))
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     fast = model(x, NAMES)
     ref = reference_logits(model, x, NAMES)
@@ -49,7 +40,7 @@ def test_fast_equals_reference(clip_tiny, conditioning, attributes):
 
 
 def test_attribute_modes(clip_tiny):
-    model = _perturb(intcoop.IntCoOp.from_clip(clip_tiny))
+    model = perturb_prompt(intcoop.IntCoOp.from_clip(clip_tiny))
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     prefix, pred = model.prompt_prefix(x, return_attrs=True)
     assert prefix.shape == (3, 1 + 4 + 1, 64) and pred.shape == (3, 1, 64)

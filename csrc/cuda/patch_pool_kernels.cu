@@ -26,6 +26,19 @@ __device__ __forceinline__ void stage_rows(float* dst, const T* src, int nr, int
 }
 
 // grid (ceil(R / RG), B), block kThreads, shared RG * (W + L) floats. Writes pooled and lse.
+// acc[rr] = sum_l weights[rr * L + l] * z[l * W + w]: column w of z weighted by each staged row of a group.
+template <int RG, typename T>
+__device__ __forceinline__ void weighted_column(const float* weights, const T* z, int L, int W, int w,
+                                                float (&acc)[RG]) {
+#pragma unroll
+  for (int rr = 0; rr < RG; ++rr) acc[rr] = 0.f;
+  for (int l = 0; l < L; ++l) {
+    const float zv = to_f(z[static_cast<int64_t>(l) * W + w]);
+#pragma unroll
+    for (int rr = 0; rr < RG; ++rr) acc[rr] += weights[rr * L + l] * zv;
+  }
+}
+
 template <typename T, int RG>
 __global__ void __launch_bounds__(kThreads) pool_fwd_kernel(const PatchPoolParams p) {
   extern __shared__ float smem[];
@@ -65,13 +78,7 @@ __global__ void __launch_bounds__(kThreads) pool_fwd_kernel(const PatchPoolParam
   T* out = static_cast<T*>(p.pooled) + (static_cast<int64_t>(b) * p.R + r0) * p.W;
   for (int w = threadIdx.x; w < p.W; w += blockDim.x) {
     float acc[RG];
-#pragma unroll
-    for (int rr = 0; rr < RG; ++rr) acc[rr] = 0.f;
-    for (int l = 0; l < p.L; ++l) {
-      const float zv = to_f(z[static_cast<int64_t>(l) * p.W + w]);
-#pragma unroll
-      for (int rr = 0; rr < RG; ++rr) acc[rr] += ss[rr * p.L + l] * zv;
-    }
+    weighted_column<RG>(ss, z, p.L, p.W, w, acc);
 #pragma unroll
     for (int rr = 0; rr < RG; ++rr)
       if (rr < nr) out[static_cast<int64_t>(rr) * p.W + w] = from_f<T>(acc[rr]);
@@ -131,13 +138,7 @@ __global__ void __launch_bounds__(kThreads) pool_bwd_kernel(const PatchPoolParam
   __syncthreads();
   for (int w = threadIdx.x; w < p.W; w += blockDim.x) {
     float acc[RG];
-#pragma unroll
-    for (int rr = 0; rr < RG; ++rr) acc[rr] = 0.f;
-    for (int l = 0; l < p.L; ++l) {
-      const float zv = to_f(z[static_cast<int64_t>(l) * p.W + w]);
-#pragma unroll
-      for (int rr = 0; rr < RG; ++rr) acc[rr] += sds[rr * p.L + l] * zv;
-    }
+    weighted_column<RG>(sds, z, p.L, p.W, w, acc);
 #pragma unroll
     for (int rr = 0; rr < RG; ++rr)
       if (rr < nr) atomicAdd(p.dqt + static_cast<int64_t>(r0 + rr) * p.W + w, acc[rr]);

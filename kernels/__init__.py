@@ -2,7 +2,9 @@
 
 OPS maps each op name of `intcoop.ops.dispatch` to an object with `fwd` and `bwd`, the same positional
 signatures as the op's torch backend. Importing this package does not import triton: each entry imports its
-kernel module (`prefix_attention.py`, `patch_pool.py`, which import triton) on first call.
+kernel module (`prefix_attention.py`, `patch_pool.py`, which import triton) on first call. That also keeps it
+harmless when transformers, probing for the Hub's top-level `kernels` package, imports this folder from the repo
+root: nothing runs, there is no version, and transformers reports its `kernels` as unavailable.
 """
 from __future__ import annotations
 

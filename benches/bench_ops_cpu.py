@@ -9,6 +9,8 @@ Run: pytest -q benches/bench_ops_cpu.py
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -46,7 +48,9 @@ def _backend(name: str):
     if name == "torch":
         return TorchPrefixAttention
     if _ext.load_error() or not _ext.has_kernel("prefix_attention_fwd", "cpu"):
-        pytest.skip(f"intcoop._C not built ({_ext.load_error()})")
+        if os.environ.get("INTCOOP_SKIP_EXT") == "1":
+            pytest.skip("INTCOOP_SKIP_EXT=1: intcoop._C was not built")
+        raise RuntimeError(f"the C++ op is missing: {_ext.load_error() or 'no CPU kernel in intcoop._C'}")
     return _ext.ops("cpu")["prefix_attention"]
 
 

@@ -20,6 +20,12 @@ __all__ = ["fast_logits", "default_model"]
 
 
 @functools.lru_cache(maxsize=1)
+def _clip_tokenizer() -> SimpleTokenizer:
+    """CLIP's BPE tokenizer, built once (its tables are large; the suffix cache is keyed on the instance)."""
+    return SimpleTokenizer()
+
+
+@functools.lru_cache(maxsize=1)
 def default_model() -> IntCoOp:
     """ViT-B-16 with OpenAI's weights and an untrained prompt (attribute slot off): exactly CLIP zero-shot for
     "a photo of a {c}.", computed the fast way. Raises backbone.WeightsUnavailable (saying how to provide the
@@ -38,7 +44,7 @@ def fast_logits(images, classnames, model: IntCoOp | None = None, *, batch_size:
     """
     if model is None:                                            # check the inputs before loading weights
         images = open_all(images)
-        class_suffixes(SimpleTokenizer(), classnames, "{}.", 5)
+        class_suffixes(_clip_tokenizer(), classnames, "{}.", 5)
         model = default_model()
     suf = model.suffixes(classnames)                             # validates the class list before any work
     x = to_batch(images, model.preprocess, image_size(model.clip))

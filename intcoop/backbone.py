@@ -129,7 +129,8 @@ def image_features(model: nn.Module, images: torch.Tensor, tokens: bool = True):
     """
     visual = model.visual
     if not tokens:
-        return visual(images) if not getattr(visual, "output_tokens", False) else visual(images)[0], None
+        out = visual(images)
+        return (out[0] if getattr(visual, "output_tokens", False) else out), None
     if not _plain_vit(visual):
         raise ValueError(f"attention conditioning needs patch tokens from a plain ViT image tower; "
                          f"{type(visual).__name__} does not give them (use conditioning='additive' or 'none')")

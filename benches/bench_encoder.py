@@ -4,16 +4,13 @@ ViT-B-16-shaped random weights, fp32, on this machine's CPU (2 threads) or the G
 times both sides in the same run, checks the outputs match, and records the ratio, images/s and tokens processed.
 The floor: zero-shot CLIP (image tower + N text features once) on the same images.
 """
-import statistics
-import time
-
 import pytest
 import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
 import intcoop
 from intcoop.reference import encode_prompts_reference, reference_logits, zero_shot_logits
-from intcoop.testing import assert_close
+from intcoop.testing import assert_close, gpu_bench_device, wall_median
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -21,19 +18,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(scope="module")
 def model(vit_b16_model):
     return vit_b16_model
-
-
-def _time(fn, rounds: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(rounds):
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = fn()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def _prefix(model, B):
@@ -48,7 +32,7 @@ CASES = [(4, 10, 4), (4, 50, 4), (8, 100, 8), (32, 100, 2), (2, 1000, 1)]
 
 
 @pytest.mark.parametrize("B,N,B_ref", CASES, ids=[f"B{b}-N{n}" for b, n, _ in CASES])
-def test_encode_prompts(benchmark, record, model, B, N, B_ref):
+def test_encode_prompts(benchmark, timed, record, model, B, N, B_ref):
     names = list(IMAGENET_CLASSNAMES[:N])
     prefix = _prefix(model, B)
     suf = model.suffixes(names)
@@ -56,10 +40,10 @@ def test_encode_prompts(benchmark, record, model, B, N, B_ref):
     def fast():
         with torch.inference_mode():
             return model.text_features(prefix, suf)
-    out = benchmark.pedantic(fast, rounds=3, warmup_rounds=1, iterations=1)
-    t_fast = benchmark.stats.stats.median
+    t_fast, out = timed(fast, rounds=3)
     with torch.inference_mode():
-        t_ref, ref = _time(lambda: encode_prompts_reference(model.clip, prefix[:B_ref], names, model.tokenizer), 1)
+        t_ref, ref = wall_median(
+            lambda: encode_prompts_reference(model.clip, prefix[:B_ref], names, model.tokenizer), 1)
     assert_close(out[:B_ref], ref, torch.float32)
     tokens_fast = B * (sum(suf.lengths) + prefix.shape[1])
     ratio = (t_ref / B_ref) / (t_fast / B)
@@ -74,14 +58,13 @@ FL_CASES = [(8, 10, 8), (8, 100, 4), (2, 1000, 1)]
 
 
 @pytest.mark.parametrize("B,N,B_ref", FL_CASES, ids=[f"B{b}-N{n}" for b, n, _ in FL_CASES])
-def test_fast_logits(benchmark, record, model, B, N, B_ref):
+def test_fast_logits(benchmark, timed, record, model, B, N, B_ref):
     names = list(IMAGENET_CLASSNAMES[:N])
     x = torch.randn(B, 3, 224, 224, generator=torch.Generator().manual_seed(N)).to(DEVICE)
-    out = benchmark.pedantic(lambda: intcoop.fast_logits(x, names, model), rounds=2, warmup_rounds=1, iterations=1)
-    t_fast = benchmark.stats.stats.median
+    t_fast, out = timed(lambda: intcoop.fast_logits(x, names, model), rounds=2)
     with torch.inference_mode():
-        t_ref, ref = _time(lambda: reference_logits(model, x[:B_ref], names), 1)
-        t_zs, _ = _time(lambda: zero_shot_logits(model.clip, model.tokenizer, x, names), 2)
+        t_ref, ref = wall_median(lambda: reference_logits(model, x[:B_ref], names), 1)
+        t_zs, _ = wall_median(lambda: zero_shot_logits(model.clip, model.tokenizer, x, names), 2)
     assert_close(out[:B_ref], ref.cpu(), torch.float32)
     ratio = (t_ref / B_ref) / (t_fast / B)
     benchmark.extra_info.update(ratio=ratio, images_per_s=B / t_fast, zero_shot_images_per_s=B / t_zs)
@@ -90,25 +73,37 @@ def test_fast_logits(benchmark, record, model, B, N, B_ref):
            zero_shot_images_per_s=round(B / t_zs, 2), max_abs_diff=float((out[:B_ref] - ref.cpu()).abs().max()))
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (bf16 throughput at N = 1000)")
-@pytest.mark.parametrize("B", [32, 256])
-def test_fast_logits_gpu_bf16(benchmark, record, model, B):
-    """Issue 3's target: N = 1000, bf16; images/s against the 77-token loop and zero-shot CLIP, peak memory."""
-    names = list(IMAGENET_CLASSNAMES)
+# Issue 3's GPU target: N = 1000 classes, bf16, B in {32, 256}. INTCOOP_BENCH_REHEARSE=1 runs the same code on
+# this CPU at toy sizes (checks the bench before a GPU run; its figures mean nothing).
+# compile: fast_logits(compile=True), inductor around the text side (not rehearsed: minutes of compiling here).
+GPU = gpu_bench_device()
+BF16_N, BF16_CASES = (1000, [(32, False), (256, False), (256, True)]) if GPU == "cuda" else (20, [(2, False)])
+
+
+@pytest.mark.skipif(GPU is None, reason="needs a CUDA device (bf16 throughput at N = 1000)")
+@pytest.mark.parametrize("B,compile", BF16_CASES, ids=[f"B{b}{'-compiled' if c else ''}" for b, c in BF16_CASES])
+def test_fast_logits_gpu_bf16(benchmark, timed, record, model, B, compile):
+    """N = 1000, bf16: images/s against the 77-token loop and zero-shot CLIP, and peak memory."""
+    names = list(IMAGENET_CLASSNAMES[:BF16_N])
     m = model.to(torch.bfloat16)
     try:
         x = torch.randn(B, 3, 224, 224, generator=torch.Generator().manual_seed(B)).to(DEVICE, torch.bfloat16)
-        torch.cuda.reset_peak_memory_stats()
-        out = benchmark.pedantic(lambda: intcoop.fast_logits(x, names, m, batch_size=B, max_rows=1 << 22),
-                                 rounds=3, warmup_rounds=1, iterations=1)
-        t_fast, peak = benchmark.stats.stats.median, torch.cuda.max_memory_allocated() / 2**30
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t_fast, out = timed(lambda: intcoop.fast_logits(x, names, m, batch_size=B, max_rows=1 << 22,
+                                                        compile=compile), rounds=3)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
         with torch.inference_mode():
-            t_ref, ref = _time(lambda: reference_logits(m, x[:2], names), 1)
-            t_zs, _ = _time(lambda: zero_shot_logits(m.clip, m.tokenizer, x, names), 2)
+            t_ref, ref = wall_median(lambda: reference_logits(m, x[:2], names), 1)
+            t_zs, _ = wall_median(lambda: zero_shot_logits(m.clip, m.tokenizer, x, names), 2)
         scale = float(m.clip.logit_scale.exp())          # compare cosines: bf16 tolerances are for O(1) values
         assert_close(out[:2] / scale, ref.float().cpu() / scale, torch.bfloat16)
     finally:
         model.float()
-    record(bench="fast_logits bf16 GPU", B=B, N=1000, fast_images_per_s=round(B / t_fast, 1),
-           loop77_images_per_s=round(2 / t_ref, 2), speedup=round((t_ref / 2) / (t_fast / B), 1),
+    ratio = (t_ref / 2) / (t_fast / B)
+    benchmark.extra_info.update(images_per_s=B / t_fast, loop77_images_per_s=2 / t_ref, ratio=ratio,
+                                zero_shot_images_per_s=B / t_zs, peak_GiB=peak)
+    record(bench="fast_logits bf16 GPU" + (" compiled" if compile else ""), B=B, N=BF16_N,
+           fast_images_per_s=round(B / t_fast, 1),
+           loop77_images_per_s=round(2 / t_ref, 2), speedup=round(ratio, 1),
            zero_shot_images_per_s=round(B / t_zs, 1), peak_GiB=round(peak, 2))

@@ -8,14 +8,19 @@ Device time: `triton.testing.do_bench` median (L2 flushed between runs) in bench
 TFLOP/s and the fraction of the H200 roofline (useful bytes and FLOPs of the op, the same for every provider;
 the bound is max(bytes / 4.8 TB/s, FLOPs / 989 TFLOP/s)). pytest-benchmark's own number is the host clock
 around one synchronised call. Each case first checks its outputs against the torch backend in fp32.
-Run: pytest benches/bench_kernels.py (needs a CUDA device).
+Run: pytest benches/bench_kernels.py (needs a CUDA device). INTCOOP_BENCH_REHEARSE=1 runs the same code on a CPU
+at toy sizes, Triton through its interpreter and the host clock for timing: a check of this file before a GPU
+run (tests/test_bench_rehearsal.py does it in CI), whose figures mean nothing.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+from intcoop.testing import gpu_bench_device, wall_median, wall_time
+
+DEV = gpu_bench_device()
+if DEV is None:
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 import torch.nn.functional as F  # noqa: E402
@@ -30,27 +35,25 @@ from intcoop.testing import assert_close, cu_seqlens  # noqa: E402
 
 HBM_BYTES_S = 4.8e12          # H200 HBM3e
 PEAK_FLOP_S = 989e12          # H100/H200 dense bf16
-DEV, DT = "cuda", torch.bfloat16
-B, N, H, DH, P = 256, 1000, 8, 64, 6
+DT = torch.bfloat16
+B, N, H, DH, P = (256, 1000, 8, 64, 6) if DEV == "cuda" else (2, 9, 2, 64, 6)
 PP_R, PP_L, PP_W = 32, 197, 768
 N_CHECK = 4                   # images compared with the fp32 torch backend
 
 
 def _report(benchmark, record, fn, flops: float, nbytes: float, op: str, **row):
     """Time fn on the device (median) and the host (pedantic), store both and the roofline fraction."""
-    ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+    ms = do_bench(fn, warmup=25, rep=100, return_mode="median") if DEV == "cuda" else 1e3 * wall_median(fn, 2)[0]
     floor_s = max(nbytes / HBM_BYTES_S, flops / PEAK_FLOP_S)
     info = dict(row, median_ms=ms, GB_s=nbytes / ms / 1e6, TFLOP_s=flops / ms / 1e9,
                 roofline_fraction=floor_s / (ms * 1e-3),
                 bound="memory" if nbytes / HBM_BYTES_S >= flops / PEAK_FLOP_S else "compute",
-                device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+                device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (rehearsal)",
+                torch=torch.__version__, triton=triton.__version__)
     benchmark.extra_info.update(info)
     record(bench=f"kernel {op}", **{k: v for k, v in info.items() if k not in ("device", "torch", "triton")})
 
-    def host():
-        fn()
-        torch.cuda.synchronize()
-    benchmark.pedantic(host, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(lambda: wall_time(fn), rounds=5 if DEV == "cuda" else 1, iterations=1, warmup_rounds=1)
 
 
 # ------------------------------------------------------------------------------------------ prefix attention
@@ -123,7 +126,8 @@ _PREFIX_CASES: dict[str, PrefixCase] = {}
 def _prefix_case(layer):
     if layer not in _PREFIX_CASES:
         _PREFIX_CASES.clear()                          # one realistic case in memory at a time
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
         _PREFIX_CASES[layer] = PrefixCase(layer)
     return _PREFIX_CASES[layer]
 

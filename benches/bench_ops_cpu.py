@@ -60,9 +60,9 @@ def _fwd_bwd(impl, args, dout):
     return (out, lse), impl.bwd(dout, q, k, v, pk, pv, out, lse, cu_q, cu_k, mq, mk, scale)
 
 
-def _record(benchmark, record, key, backend):
+def _record(benchmark, record, key, backend, seconds):
     """Keep the median; once both backends of a case have run, add their side-by-side row."""
-    ms = benchmark.stats.stats.median * 1e3
+    ms = seconds * 1e3
     benchmark.extra_info.update(backend=backend, median_ms=ms, threads=torch.get_num_threads())
     _MEDIANS.setdefault(key, {})[backend] = ms
     both = _MEDIANS[key]
@@ -74,26 +74,26 @@ def _record(benchmark, record, key, backend):
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("layer", ["causal", "eot"])
 @pytest.mark.parametrize("size", list(SIZES))
-def test_prefix_attention_fwd(benchmark, record, size, layer, backend):
+def test_prefix_attention_fwd(benchmark, timed, record, size, layer, backend):
     impl, other = _backend(backend), TorchPrefixAttention if backend == "cpp" else _backend("cpp")
     args, _ = _inputs(size, layer)
     benchmark.group = f"prefix_attention fwd {size} {layer}"
-    out, lse = benchmark.pedantic(impl.fwd, args, rounds=ROUNDS, warmup_rounds=1)
+    t, (out, lse) = timed(impl.fwd, ROUNDS, args=args)
     ref_out, ref_lse = other.fwd(*args)
     assert_close(out, ref_out, torch.float32, "out")
     assert_close(lse, ref_lse, torch.float32, "lse")
-    _record(benchmark, record, ("fwd", size, layer), backend)
+    _record(benchmark, record, ("fwd", size, layer), backend, t)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("size", list(SIZES))
-def test_prefix_attention_fwd_bwd(benchmark, record, size, backend):
+def test_prefix_attention_fwd_bwd(benchmark, timed, record, size, backend):
     impl, other = _backend(backend), TorchPrefixAttention if backend == "cpp" else _backend("cpp")
     args, dout = _inputs(size, "causal")
     benchmark.group = f"prefix_attention fwd+bwd {size} causal"
-    (out, lse), grads = benchmark.pedantic(_fwd_bwd, (impl, args, dout), rounds=ROUNDS, warmup_rounds=1)
+    t, ((out, lse), grads) = timed(_fwd_bwd, ROUNDS, args=(impl, args, dout))
     (ref_out, _), ref_grads = _fwd_bwd(other, args, dout)
     assert_close(out, ref_out, torch.float32, "out")
     for name, g, r in zip(("dq", "dk", "dv", "dpk", "dpv"), grads, ref_grads):
         assert_close(g, r, torch.float32, name)
-    _record(benchmark, record, ("fwd+bwd", size, "causal"), backend)
+    _record(benchmark, record, ("fwd+bwd", size, "causal"), backend, t)

@@ -1,16 +1,19 @@
 """Bench setup: names the machine and versions, pins threads, collects side-by-side ratios for a closing table.
 
 Each bench stores its comparison in `benchmark.extra_info` and calls `record(...)`; the table of all records is
-printed at the end of `pytest benches/` (and written to benches/last_run.md).
+printed at the end of `pytest benches/` (and written to benches/last_run.md, or to $INTCOOP_BENCH_TABLE).
 """
 import os
 import platform
+import statistics
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+if not torch.cuda.is_available():   # before intcoop is imported: Triton reads it when a kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from intcoop.testing import wall_time  # noqa: E402
 
 THREADS = int(os.environ.get("INTCOOP_BENCH_THREADS", "2"))
 torch.set_num_threads(THREADS)
@@ -45,6 +48,24 @@ def vit_b16_model():
 
 
 @pytest.fixture
+def timed(benchmark):
+    """timed(fn, rounds=3, warmup=1, args=()) -> (median seconds, fn's last result).
+
+    pytest-benchmark's pedantic rounds (so its table and JSON keep them), each one synchronised on a GPU and timed
+    on our own clock too, so that `--benchmark-disable` (one run, no stats) still gives a figure."""
+    def run(fn, rounds: int = 3, warmup: int = 1, args=()):
+        times = []
+
+        def once(*a):
+            t, out = wall_time(fn, *a)
+            times.append(t)
+            return out
+        out = benchmark.pedantic(once, tuple(args), rounds=rounds, warmup_rounds=warmup, iterations=1)
+        return statistics.median(times[-rounds:]), out
+    return run
+
+
+@pytest.fixture
 def record():
     def add(**row):
         _RECORDS.append(row)
@@ -60,5 +81,6 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("=", "intcoop: side-by-side results (same run)")
     terminalreporter.write_line(f"machine: {machine()}")
     terminalreporter.write(table)
-    with open(os.path.join(os.path.dirname(__file__), "last_run.md"), "w") as fh:
+    path = os.environ.get("INTCOOP_BENCH_TABLE") or os.path.join(os.path.dirname(__file__), "last_run.md")
+    with open(path, "w") as fh:
         fh.write(f"machine: {machine()}\n\n{table}")

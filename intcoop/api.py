@@ -13,7 +13,7 @@ from .backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, image_size
 from open_clip import SimpleTokenizer
 
 from .images import open_all, to_batch
-from .model import IntCoOp
+from .model import IntCoOp, logits_function
 from .text import class_suffixes
 
 __all__ = ["fast_logits", "default_model"]
@@ -34,13 +34,16 @@ def default_model() -> IntCoOp:
 
 
 def fast_logits(images, classnames, model: IntCoOp | None = None, *, batch_size: int = 64,
-                max_rows: int = 1 << 16, attr_targets: torch.Tensor | None = None) -> torch.Tensor:
+                max_rows: int = 1 << 16, attr_targets: torch.Tensor | None = None,
+                compile: bool | str = False) -> torch.Tensor:
     """Logits [B, N] of every image for every class name.
 
     images: a preprocessed [B, 3, H, W] float tensor, PIL image(s), or image file path(s) (the model's own
     preprocessing is applied to PIL images and files). classnames: N names (duplicates allowed).
     model: a trained or untrained IntCoOp; None uses `default_model()`. batch_size: images per chunk;
-    max_rows: packed suffix rows (images x class tokens) per text-encoder chunk. Returns float32 on CPU.
+    max_rows: packed suffix rows (images x class tokens) per text-encoder chunk. compile: run the text side
+    under torch.compile (True: inductor; or a backend name), worth it on a GPU for many images. Returns float32
+    on CPU.
     """
     if model is None:                                            # check the inputs before loading weights
         images = open_all(images)
@@ -50,6 +53,7 @@ def fast_logits(images, classnames, model: IntCoOp | None = None, *, batch_size:
     x = to_batch(images, model.preprocess, image_size(model.clip))
     if model.attributes_mode == "oracle" and (attr_targets is None or len(attr_targets) != len(x)):
         raise ValueError("attributes='oracle' needs attr_targets [B, D] for the B images")
+    logits = logits_function(compile)
     out = []
     was_training = model.training
     model.eval()
@@ -59,7 +63,7 @@ def fast_logits(images, classnames, model: IntCoOp | None = None, *, batch_size:
                 chunk = x[start:start + batch_size].to(model.device, model.dtype)
                 feats, tokens = model.image_features(chunk)
                 targets = attr_targets[start:start + batch_size].to(model.device) if attr_targets is not None else None
-                out.append(model.logits_from_features(feats, tokens, suf, targets, max_rows).float().cpu())
+                out.append(logits(model, feats, tokens, suf, targets, max_rows).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out, 0)

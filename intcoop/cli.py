@@ -67,7 +67,7 @@ def cmd_label(args) -> int:
 
 # --- train --------------------------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from .train import run_from_args
+    from .train_cli import run_from_args
 
     run_from_args(args)
     return 0
@@ -80,13 +80,16 @@ def cmd_eval(args) -> int:
     from .labels import attributes_by_id, read_labels
     from .checkpoint import load_trained
 
-    model = load_trained(args.checkpoint).to(args.device)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_trained(args.checkpoint).to(device)
     if args.attributes:
         model.set_attributes(args.attributes)
     labels = attributes_by_id(read_labels(args.labels)) if args.labels else None
     splits = load_dataset(args.dataset, args.root)
     rows = evaluate_splits(model, splits, args.subsample, args.split, batch_size=args.batch_size,
-                           workers=args.workers, labels_by_id=labels)
+                           workers=args.workers, labels_by_id=labels, compile=args.compile)
     csv_path, md_path = write_table(rows, args.out, f"eval_{splits.name}_{args.subsample}")
     print(md_path.read_text(), end="")
     print(f"written: {csv_path}, {md_path}")
@@ -156,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.set_defaults(fn=cmd_label)
 
-    from .train import add_train_arguments
+    from .train_cli import add_train_arguments
     s = add_train_arguments(sub.add_parser("train", help="train prompts from a YAML config (see intcoop/configs/)"))
     s.set_defaults(fn=cmd_train)
 
@@ -170,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/eval")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--workers", type=int, default=0)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default=None, help="default: cuda when there is a GPU, else cpu")
+    s.add_argument("--compile", action="store_true", help="the text side under torch.compile (inductor)")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("logits", help="top classes of image files (JSON), with a checkpoint or CLIP zero-shot")

@@ -37,15 +37,18 @@ def oracle_targets(model, ids, labels_by_id: dict | None) -> torch.Tensor | None
 
 
 def accuracy(model, items, classnames, *, batch_size: int = 64, workers: int = 0, labels_by_id=None,
-             progress: bool = True, desc: str = "eval") -> dict:
-    """Top-1 accuracy (%) of `model` on `items` (intcoop.data.Item) over `classnames`, with per-class accuracy."""
+             progress: bool = True, desc: str = "eval", compile: bool | str = False) -> dict:
+    """Top-1 accuracy (%) of `model` on `items` (intcoop.data.Item) over `classnames`, with per-class accuracy.
+    compile: the text side under torch.compile (True: inductor; or a backend name)."""
     from tqdm.auto import tqdm
 
     from .data import ImageDataset, make_loader
+    from .model import logits_function
 
     if not items:
         raise ValueError("no images to evaluate")
     suf = model.suffixes(classnames)
+    logits = logits_function(compile)
     loader = make_loader(ImageDataset(items, model.preprocess), batch_size, shuffle=False, workers=workers)
     correct, total = Counter(), Counter()
     model.eval()
@@ -55,7 +58,7 @@ def accuracy(model, items, classnames, *, batch_size: int = 64, workers: int = 0
             targets = oracle_targets(model, [items[i].id for i in index.tolist()], labels_by_id)
             if targets is not None:
                 targets = targets.to(model.device)
-            pred = model.logits_from_features(feats, tokens, suf, targets).argmax(-1).cpu()
+            pred = logits(model, feats, tokens, suf, targets).argmax(-1).cpu()
             for y, p in zip(labels.tolist(), pred.tolist()):
                 total[y] += 1
                 correct[y] += int(y == p)

@@ -177,11 +177,15 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _how_to(model: str) -> str:
-    return (f"BLIP-2 model '{model}' is not available offline (not a local folder, not in the Hugging Face cache). "
+def _how_to(model: str, unreachable: str | None = None) -> str:
+    """The error text for a hub id that is not in the cache (offline, or `unreachable`: the hub endpoint's URL)."""
+    why = (f"not in the Hugging Face cache, and {unreachable} cannot be reached (no connection within a few seconds)"
+           if unreachable else "not available offline (not a local folder, not in the Hugging Face cache)")
+    return (f"BLIP-2 model '{model}' is {why}. "
             f"Provide it once: on a machine with network access run `huggingface-cli download {model}` "
             f"(or `hf download {model} --local-dir DIR`) and copy the cache / DIR here, then pass the local "
-            f"folder as the model; or unset HF_HUB_OFFLINE to let transformers download it.")
+            f"folder as the model; or " + ("restore the network connection." if unreachable else
+                                            "unset HF_HUB_OFFLINE to let transformers download it."))
 
 
 def load_blip2(model: str = DEFAULT_MODEL, *, device="cpu", dtype=None):
@@ -211,6 +215,11 @@ def load_blip2(model: str = DEFAULT_MODEL, *, device="cpu", dtype=None):
         except OSError as first:
             if _offline():
                 raise ModelUnavailableError(_how_to(model)) from first
+            from huggingface_hub import constants
+
+            from .backbone import hub_reachable
+            if not hub_reachable(constants.ENDPOINT):        # fail in seconds, not after minutes of retries
+                raise ModelUnavailableError(_how_to(model, constants.ENDPOINT)) from first
             try:
                 proc, net = load(model)
             except OSError as e:

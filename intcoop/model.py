@@ -9,6 +9,7 @@ and every other ModelConfig field are keyword arguments. Only the prompt learner
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from .config import ModelConfig
 from .prompts import PromptLearner
 from .text import ClassSuffixes, TextTower, class_suffixes
 
-__all__ = ["IntCoOp", "ATTRIBUTE_MODES"]
+__all__ = ["IntCoOp", "ATTRIBUTE_MODES", "logits_function"]
 
 ATTRIBUTE_MODES = ("predicted", "oracle", "shuffled", "off")
 
@@ -134,3 +135,18 @@ class IntCoOp(nn.Module):
     def forward(self, images: torch.Tensor, classnames, attr_targets=None) -> torch.Tensor:
         """Logits [B, N] for preprocessed images [B, 3, H, W]; differentiable in the prompt learner."""
         return self.logits_from_features(*self.image_features(images), classnames, attr_targets)
+
+
+@functools.cache
+def _compiled_logits(backend: str):
+    return torch.compile(IntCoOp.logits_from_features, backend=backend)
+
+
+def logits_function(compile: bool | str = False):
+    """f(model, feats, tokens, suffixes, attr_targets=None, max_rows=...) -> logits [B, N]: the evaluation loops'
+    body, `IntCoOp.logits_from_features`, eager or under torch.compile (compile=True: inductor; a string names
+    the backend). One compiled function per backend for every model; it holds no model, and recompiles for a new
+    model, class list or batch shape (dynamic after the first change)."""
+    if not compile:
+        return IntCoOp.logits_from_features
+    return _compiled_logits("inductor" if compile is True else str(compile))

@@ -5,6 +5,10 @@ and compares. Everything random here is seeded and never zeros.
 """
 from __future__ import annotations
 
+import os
+import statistics
+import time
+
 import torch
 
 # One table: output and gradient tolerances per compute dtype, against a float64 reference.
@@ -66,3 +70,34 @@ def patch_pool_inputs(R: int, B: int, L: int, W: int, dtype=torch.float32, devic
     qt = (torch.randn(R, W, generator=g, dtype=torch.float64) * 0.5).to(device=device, dtype=dtype)
     z = torch.randn(B, L, W, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     return qt.requires_grad_(requires_grad), z.requires_grad_(requires_grad), 64 ** -0.5
+
+
+# ------------------------------------------------------------------------------------------------ benches
+
+def wall_time(fn, *args) -> tuple[float, object]:
+    """(seconds, result) of one call of fn(*args), synchronised with the GPU before and after when there is one."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def wall_median(fn, rounds: int) -> tuple[float, object]:
+    """(median seconds over `rounds` calls, the last result)."""
+    runs = [wall_time(fn) for _ in range(rounds)]
+    return statistics.median(t for t, _ in runs), runs[-1][1]
+
+
+REHEARSE_ENV = "INTCOOP_BENCH_REHEARSE"
+
+
+def gpu_bench_device() -> str | None:
+    """Where the GPU benches run: "cuda" on a GPU; "cpu" when INTCOOP_BENCH_REHEARSE=1 on a machine without one
+    (tiny sizes, Triton through its interpreter: this checks the bench code before a GPU run, its figures mean
+    nothing); None otherwise (the benches skip)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if os.environ.get(REHEARSE_ENV) == "1" else None

@@ -1,4 +1,10 @@
-"""Training: `Trainer` and the `intcoop train` entry point (`train_main`, `add_train_arguments`, `main`).
+"""Training: the `Trainer` class, one run's loop (setup, epochs, steps, metrics rows, validation, checkpoints, resume).
+
+Around it: `train_parts` (config checks, schedule, model / data / attribute-label pieces, the StepModule that is
+compiled and DDP-wrapped), `train_runtime` (distributed init, autocast, metrics window, CSV / TensorBoard),
+`checkpoint` (the checkpoint format), `train_cli` (configs and the `intcoop train` command line: `train_main`,
+`add_train_arguments`, `run_from_args`, `main`, `parse_overrides`, `resolve_config`, `CONFIG_DIR`, all re-exported
+here, so `python -m intcoop.train` and `from intcoop.train import train_main` work).
 
     Trainer(config, model=None, train_items=None, classnames=None, labels=None, *, template=None, ...).fit()
 
@@ -30,16 +36,12 @@ What a run does (METHOD.md objective, CoOp's recipe):
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
 import logging
 import math
 import os
 import random
-import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -51,17 +53,27 @@ from torch import nn
 from . import losses
 from .backbone import image_size
 from .checkpoint import load_prompt_state, load_trained, read_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import RunConfig, load_config, save_config
+from .config import RunConfig, save_config
 from .model import IntCoOp
-from .train_parts import (AttributeData, StepModule, attribute_data, build_model, check_classes, load_training_data,
-                          lr_factor)
+from .train_cli import (CONFIG_DIR, add_train_arguments, main, parse_overrides, resolve_config, run_from_args,
+                        train_main)
+from .train_parts import AttributeData, StepModule, attribute_data, build_model, check_classes, load_training_data
+from .train_parts import IndexDataset as _IndexDataset
+from .train_parts import check_train_config as _check_train_config
+from .train_parts import lr_factor
+from .train_runtime import METRIC_FIELDS
+from .train_runtime import Window as _Window
+from .train_runtime import autocast as _autocast
+from .train_runtime import init_distributed as _init_distributed
+from .train_runtime import no_buffer_sync as _no_buffer_sync
+from .train_runtime import read_csv as _read_csv
+from .train_runtime import tensorboard as _tensorboard
+from .train_runtime import write_csv as _write_csv
 
-__all__ = ["Trainer", "train_main", "add_train_arguments", "main", "parse_overrides", "resolve_config",
-           "CONFIG_DIR", "build_model", "load_trained"]
+__all__ = ["Trainer", "train_main", "add_train_arguments", "run_from_args", "main", "parse_overrides",
+           "resolve_config", "CONFIG_DIR", "build_model", "load_trained"]
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).with_name("configs")
-METRIC_FIELDS = ("epoch", "step", "lr", "loss", "ce", "attr", "reg", "acc", "images_per_s", "val_acc")
 RESUME_IGNORED = {"out", "log_every", "compile"}   # train fields that may change on --resume
 
 
@@ -367,184 +379,9 @@ class Trainer:
         return int(ckpt["epoch"])
 
 
-# --------------------------------------------------------------------------------------------- helpers
-class _IndexDataset(torch.utils.data.Dataset):
-    """items[i] -> (i, label, i): the loader's batches when features are cached (gathered from the cache)."""
-
-    def __init__(self, items):
-        self.labels = [it.label for it in items]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return i, self.labels[i], i
-
-
-class _Window:
-    """Per-step loss parts since the last metrics row (device tensors, synchronised only at `reduce`)."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.rows, self.steps, self.t0 = [], [], time.perf_counter()
-
-    def add(self, step: int, parts: dict, n: int):
-        self.steps.append(step)
-        self.rows.append(torch.stack([parts["loss"], parts["ce"], parts["attr"], parts["reg"],
-                                      parts["correct"].float(), parts["loss"].new_tensor(n)]))
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def reduce(self, world: int):
-        """(global sums [loss, ce, attr, reg, correct, images, steps, non-finite count], first bad local step)."""
-        rows = torch.stack(self.rows).float()
-        finite = torch.isfinite(rows[:, 0])
-        sums = torch.cat([rows.sum(0), rows.new_tensor([len(self.rows), int((~finite).sum())])])
-        if world > 1:
-            dist.all_reduce(sums)
-            sums[:4] /= world
-            sums[6] /= world
-        bad = None
-        if not bool(finite.all()):
-            j = int((~finite).nonzero()[0])
-            bad = (self.steps[j], *rows[j, :4].tolist())
-        return sums.tolist(), bad
-
-
-def _check_train_config(tc) -> None:
-    if tc.attr_loss not in losses.ATTR_LOSSES:
-        raise ValueError(f"train.attr_loss must be one of {losses.ATTR_LOSSES}, got {tc.attr_loss!r}")
-    if tc.regulariser not in losses.REGULARISERS:
-        raise ValueError(f"train.regulariser must be one of {losses.REGULARISERS}, got {tc.regulariser!r}")
-    if tc.precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"train.precision must be auto, fp32 or bf16, got {tc.precision!r}")
-    if not 0 <= tc.label_noise <= 1:
-        raise ValueError(f"train.label_noise must be in [0, 1], got {tc.label_noise}")
-    if tc.epochs < 1 or tc.batch_size < 1 or tc.log_every < 1 or tc.warmup_epochs < 0:
-        raise ValueError("train.epochs, batch_size and log_every must be >= 1 and warmup_epochs >= 0")
-
-
-def _autocast(precision: str, device: torch.device):
-    """A fresh autocast context for `precision` on `device` (nullcontext for fp32)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _init_distributed():
-    """(world, rank, local_rank, whether this call created the process group) from torchrun's environment."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 1, 0, 0, False
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_world_size(), dist.get_rank(), local, True
-
-
-def _no_buffer_sync() -> dict:
-    """DDP keyword that stops the per-forward buffer broadcast (the prompt learner's only buffer is the constant
-    SOS embedding); newer torch renamed it."""
-    import inspect
-    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception as exc:                               # tensorboard not installed
-        log.info("TensorBoard logging off (%s)", exc)
-        return None
-    return SummaryWriter(str(folder))
-
-
-def _write_csv(path: Path, rows: list[dict], append: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a" if append else "w", newline="") as fh:
-        w = csv.DictWriter(fh, METRIC_FIELDS, extrasaction="ignore")
-        if not append:
-            w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-
-
-def _read_csv(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def _version() -> str:
     from . import __version__
     return __version__
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def parse_overrides(overrides) -> dict:
-    """["train.lr=0.01", "model.conditioning=none"] (values parsed as YAML) or a dict -> {dotted key: value}."""
-    import yaml
-    if overrides is None:
-        return {}
-    if isinstance(overrides, Mapping):
-        return dict(overrides)
-    out = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ValueError(f"override {item!r} must look like section.field=value (e.g. train.lr=0.01)")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def resolve_config(name: str | os.PathLike | None) -> Path | None:
-    """A config file path, or the name of one shipped in intcoop/configs ("intcoop", "coop", "demo_cpu")."""
-    if name is None:
-        return None
-    p = Path(name)
-    if p.is_file():
-        return p
-    shipped = CONFIG_DIR / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
-    if shipped.is_file():
-        return shipped
-    known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
-    raise FileNotFoundError(f"config {str(name)!r} is neither a file nor a shipped config ({known})")
-
-
-def train_main(config_path=None, overrides=None, resume: bool = False, **trainer_kwargs) -> dict:
-    """`intcoop train --config FILE [--set k=v ...] [--resume]`: read the config, train, return the last metrics."""
-    cfg = load_config(resolve_config(config_path), parse_overrides(overrides))
-    return Trainer(cfg, **trainer_kwargs).fit(resume=resume)
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", "-c", default=None,
-                        help="YAML config file, or a shipped one: " + ", ".join(
-                            sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))))
-    parser.add_argument("--set", "-o", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override a config field (repeatable), e.g. --set train.lr=0.01")
-    parser.add_argument("--out", default=None, help="output folder (same as --set train.out=DIR)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def run_from_args(args: argparse.Namespace) -> dict:
-    overrides = list(args.overrides) + ([f"train.out={args.out}"] if args.out else [])
-    return train_main(args.config, overrides, args.resume, progress=not args.no_progress)
-
-
-def main(argv=None) -> None:
-    """`python -m intcoop.train ...` (also under `torchrun --nproc_per_node R -m intcoop.train ...`)."""
-    parser = add_train_arguments(argparse.ArgumentParser(prog="intcoop train", description=__doc__.split("\n")[0]))
-    run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

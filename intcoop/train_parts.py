@@ -1,7 +1,9 @@
 """The pieces of a training run that `train.Trainer` puts together (kept apart so train.py stays readable).
 
+- `check_train_config(train_config)`: the train section's values, checked before anything is built.
 - `lr_factor(epoch, train_config)`: CoOp's schedule as a multiplier of lr, per epoch (warm-up, then cosine).
 - `build_model(model_config)`, `load_training_data(data_config, seed)`, `check_classes(classnames, items)`.
+- `IndexDataset(items)`: the loader's dataset when features are cached (indices, not images).
 - Attribute labels: `resolve_labels(labels, items)` (labels file or dict id -> word), `add_label_noise`,
   `attribute_data(trainer, model)` -> `AttributeData` (per item a row of the target table, once per word).
 - `StepModule`: the differentiable part of one step (prefix, fast text encoder, logits, objective), the module
@@ -23,10 +25,24 @@ from torch import nn
 from . import losses
 from .model import IntCoOp
 
-__all__ = ["lr_factor", "build_model", "TrainingData", "load_training_data", "check_classes", "resolve_labels",
-           "add_label_noise", "AttributeData", "attribute_data", "StepModule"]
+__all__ = ["check_train_config", "lr_factor", "build_model", "IndexDataset", "TrainingData", "load_training_data",
+           "check_classes", "resolve_labels", "add_label_noise", "AttributeData", "attribute_data", "StepModule"]
 
 log = logging.getLogger("intcoop.train")
+
+
+def check_train_config(tc) -> None:
+    """Raise ValueError naming the first train.* field with a value the trainer does not accept."""
+    if tc.attr_loss not in losses.ATTR_LOSSES:
+        raise ValueError(f"train.attr_loss must be one of {losses.ATTR_LOSSES}, got {tc.attr_loss!r}")
+    if tc.regulariser not in losses.REGULARISERS:
+        raise ValueError(f"train.regulariser must be one of {losses.REGULARISERS}, got {tc.regulariser!r}")
+    if tc.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"train.precision must be auto, fp32 or bf16, got {tc.precision!r}")
+    if not 0 <= tc.label_noise <= 1:
+        raise ValueError(f"train.label_noise must be in [0, 1], got {tc.label_noise}")
+    if tc.epochs < 1 or tc.batch_size < 1 or tc.log_every < 1 or tc.warmup_epochs < 0:
+        raise ValueError("train.epochs, batch_size and log_every must be >= 1 and warmup_epochs >= 0")
 
 
 def lr_factor(epoch: int, tc) -> float:
@@ -67,6 +83,19 @@ def load_training_data(dc, seed: int) -> TrainingData:
         splits = fewshot_splits(splits, dc.shots, seed, cache_dir=cache)
     splits = subsample_classes(splits, dc.subsample)
     return TrainingData(splits.train, splits.val, list(splits.classnames), splits.template)
+
+
+class IndexDataset(torch.utils.data.Dataset):
+    """items[i] -> (i, label, i): the loader's batches when features are cached (gathered from the cache)."""
+
+    def __init__(self, items):
+        self.labels = [it.label for it in items]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return i, self.labels[i], i
 
 
 def check_classes(classnames, items) -> list[str]:

@@ -12,7 +12,9 @@ small; the W blocks of one image are neighbours on grid axis 0, so HBM sees z ab
 score GEMM recomputed per W block: 2R = 64 FLOP per byte of z becomes (W / BLOCK_WO + 1) R = 128 at W = 768,
 still under an H200's ~206 FLOP/byte ridge, so the kernel stays memory-bound.
 Backward: (1) `_bwd_scores_kernel`: p and ds = p * (dpooled . z - rowsum(dpooled * pooled)) * scale per
-(L block, R block, image) into fp32 scratch [B, R, L]; (2) `_bwd_dz_kernel`: dz = p^T dpooled + ds^T qt per
+(L block, R block, image) into scratch [B, R, L] in z's dtype (computed in fp32; both consumers round them to
+z's dtype for their dots anyway, so storing them rounded is exact and halves the scratch traffic and the
+registers that hold the loaded tiles); (2) `_bwd_dz_kernel`: dz = p^T dpooled + ds^T qt per
 (W block, L block, image); (3) `_bwd_dqt_kernel`: dqt = sum_b ds_b z_b, one fp32 partial per image chunk, summed in
 torch (deterministic, no atomics).
 """
@@ -81,7 +83,7 @@ def _bwd_scores_kernel(
     Z,                      # [B, L, W] strides (szb, szl, 1)
     DPO, PO,                # [B, R, W] strides (sdb, sdr, 1), (spb, spr, 1): dpooled, pooled
     LSE,                    # [B, R] float32 contiguous
-    P_WS, DS_WS,            # [B, R, L] float32 contiguous, written: probabilities and dscores (with scale)
+    PROB, DSCORE,           # [B, R, L] z's dtype contiguous, written: probabilities and dscores (with scale)
     sqr, szb, szl, sdb, sdr, spb, spr,
     R, L, W,                # ints
     scale, qk_scale,        # floats: softmax scale; scale * log2(e)
@@ -113,15 +115,15 @@ def _bwd_scores_kernel(
     p = tl.where(ok, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
     ds = p * (dp - delta[:, None]) * scale
     ws = (b * R + r[:, None]) * L + ls[None, :]
-    tl.store(P_WS + ws, p, mask=ok)
-    tl.store(DS_WS + ws, ds, mask=ok)
+    tl.store(PROB + ws, p.to(PROB.dtype.element_ty), mask=ok)
+    tl.store(DSCORE + ws, ds.to(DSCORE.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _bwd_dz_kernel(
     QT,                     # [R, W] strides (sqr, 1)
     DPO,                    # [B, R, W] strides (sdb, sdr, 1)
-    P_WS, DS_WS,            # [B, R, L] float32 contiguous
+    PROB, DSCORE,           # [B, R, L] z's dtype contiguous
     DZ,                     # [B, L, W] contiguous, z's dtype
     sqr, sdb, sdr,
     R, L, W,                # ints
@@ -139,8 +141,8 @@ def _bwd_dz_kernel(
         r = r0 + rr
         r_ok = r < R
         tmask = l_ok[:, None] & r_ok[None, :]
-        pt = tl.load(P_WS + (b * R + r[None, :]) * L + ls[:, None], mask=tmask, other=0.0)     # [BLOCK_L, BLOCK_R]
-        dst = tl.load(DS_WS + (b * R + r[None, :]) * L + ls[:, None], mask=tmask, other=0.0)
+        pt = tl.load(PROB + (b * R + r[None, :]) * L + ls[:, None], mask=tmask, other=0.0)     # [BLOCK_L, BLOCK_R]
+        dst = tl.load(DSCORE + (b * R + r[None, :]) * L + ls[:, None], mask=tmask, other=0.0)
         wmask = r_ok[:, None] & w_ok[None, :]
         do = tl.load(DPO + b * sdb + r[:, None] * sdr + w[None, :], mask=wmask, other=0.0)       # [BLOCK_R, BLOCK_W]
         qt = tl.load(QT + r[:, None] * sqr + w[None, :], mask=wmask, other=0.0)
@@ -153,7 +155,7 @@ def _bwd_dz_kernel(
 @triton.jit
 def _bwd_dqt_kernel(
     Z,                      # [B, L, W] strides (szb, szl, 1)
-    DS_WS,                  # [B, R, L] float32 contiguous
+    DSCORE,                 # [B, R, L] z's dtype contiguous
     DQT_WS,                 # [n_chunks, R, W] float32 contiguous, written: this chunk's sum over its images
     szb, szl,
     B, R, L, W,             # ints
@@ -172,7 +174,7 @@ def _bwd_dqt_kernel(
         for l0 in range(0, L, BLOCK_L):
             ls = l0 + tl.arange(0, BLOCK_L)
             l_ok = ls < L
-            ds = tl.load(DS_WS + (b64 * R + r[:, None]) * L + ls[None, :], mask=r_ok[:, None] & l_ok[None, :],
+            ds = tl.load(DSCORE + (b64 * R + r[:, None]) * L + ls[None, :], mask=r_ok[:, None] & l_ok[None, :],
                          other=0.0)
             z = tl.load(Z + b64 * szb + ls[:, None] * szl + w[None, :], mask=l_ok[:, None] & w_ok[None, :],
                         other=0.0)
@@ -196,9 +198,45 @@ def fwd_blocks(R: int, W: int, block_l=None, block_wo=None) -> dict:
 
 
 def bwd_blocks(R: int, W: int, block_l=None, block_w=None) -> dict:
-    """Backward tile sizes shared by the three backward kernels (`_bwd_scores` ignores BLOCK_W)."""
+    """Backward tile sizes of the three backward kernels (`_bwd_scores` ignores BLOCK_W; `launch_configs`
+    narrows `_bwd_dz`'s BLOCK_R to 32)."""
     return dict(BLOCK_R=min(64, max(16, triton.next_power_of_2(R))), BLOCK_L=block_l or 64, BLOCK_K=64,
                 BLOCK_W=block_w or min(128, max(16, triton.next_power_of_2(W))))
+
+
+def launch_configs(R: int, W: int, block_l=None, block_wo=None, block_w=None, fp32: bool = False) -> dict:
+    """{kernel name: its constexpr tiles plus num_warps / num_stages}: what the launchers pass, per kernel.
+
+    Sized for sm_90 with scripts/kernel_resources.py (ptxas registers / spills at R 32 / W 768 and R 64 /
+    W 1024); the reasons sit next to each choice. Overrides (block_l / block_wo / block_w) apply as before.
+    """
+    f, b = fwd_blocks(R, W, block_l, block_wo), bwd_blocks(R, W, block_l, block_w)
+    # fp32 operands: tl.dot is an FMA loop holding both operands and the accumulator in registers (twice the
+    # bytes of bf16): 8 warps everywhere halve each thread's share.
+    big = 8 if fp32 else None
+    # Forward: acc [BLOCK_R, BLOCK_WO] fp32 is BLOCK_R * BLOCK_WO / 128 registers a thread at 4 warps: 128 at
+    # R 64 x 256, where ptxas needed 236-245 (2 CTAs, at the cap). 8 warps: 141, no spills. BLOCK_WO stays 256:
+    # halving it would double the recomputed score GEMM (see the module docstring). num_stages 3 (default):
+    # the W loop of the score GEMM is 12-16 steps long, worth prefetching.
+    fwd_w = big or (8 if f["BLOCK_R"] * f["BLOCK_WO"] >= 64 * 256 else 4)
+    # Scores: accumulators [BLOCK_R, BLOCK_L] only; 103-168 registers at 4 warps, 3-4 CTAs. Its W loop is
+    # 12-16 steps: keep 3 stages.
+    # dz: one R chunk per step of its loop, acc [BLOCK_L, BLOCK_W]. At R 64 with BLOCK_R 64, fp32 scratch and
+    # 3 stages it staged 160 KiB and took 254 registers: 1 CTA, 4 warps per SM. BLOCK_R 32, 2 stages: 128
+    # registers, 40 KiB, 4 CTAs; R 64 takes two steps of the loop, the second prefetched.
+    dz_r = min(32, b["BLOCK_R"])
+    # dqt: acc [BLOCK_R, BLOCK_W] = 64 x 128 at R 64 is 64 registers a thread at 4 warps, and ptxas needed
+    # 255 (spills with fp32 scratch). 8 warps: 80 (R 32) / 128 (R 64) registers, 2-3 CTAs of 8 warps.
+    # BLOCK_R stays the whole R (<= 64) so z, the big operand, is read once. num_stages 2: one prefetched
+    # tile is enough for an L loop of 4-10 steps per image, and staged smem stays 40 KiB (56 at 3).
+    # fp32 forward: 2 stages; at 3, triton 3.6 (the GPU image's) spills 40 B at R 32 x W 768 (3.8 does not).
+    return {"_fwd_kernel": dict(f, num_warps=fwd_w, num_stages=2 if fp32 else 3),
+            "_bwd_scores_kernel": dict({k: b[k] for k in ("BLOCK_R", "BLOCK_L", "BLOCK_K")},
+                                       num_warps=big or 4, num_stages=3),
+            "_bwd_dz_kernel": dict({k: b[k] for k in ("BLOCK_L", "BLOCK_W")}, BLOCK_R=dz_r,
+                                   num_warps=big or 4, num_stages=2),
+            "_bwd_dqt_kernel": dict({k: b[k] for k in ("BLOCK_R", "BLOCK_L", "BLOCK_W")}, num_warps=8,
+                                    num_stages=2)}
 
 
 def fwd(qt, z, scale: float, *, block_l=None, block_wo=None):
@@ -212,7 +250,7 @@ def fwd(qt, z, scale: float, *, block_l=None, block_wo=None):
         return pooled, lse
     if L == 0:
         raise ValueError("patch_pool needs at least one patch token (L >= 1)")
-    c = fwd_blocks(R, W, block_l, block_wo)
+    c = launch_configs(R, W, block_l, block_wo, fp32=z.dtype == torch.float32)["_fwd_kernel"]
     _fwd_kernel[(triton.cdiv(W, c["BLOCK_WO"]), triton.cdiv(R, c["BLOCK_R"]), B)](
         qt, z, pooled, lse, qt.stride(0), z.stride(0), z.stride(1), R, L, W, float(scale) * LOG2E,
         **c, F32=f32_dots(z.dtype))
@@ -240,26 +278,25 @@ def bwd(dpooled, qt, z, pooled, lse, scale: float, need_dz: bool, *, block_l=Non
     dz = torch.empty((B, L, W), dtype=z.dtype, device=dev) if need_dz else z.new_empty(0)
     if B == 0 or R == 0 or L == 0:
         return torch.zeros_like(qt), (dz.zero_() if need_dz else dz)
-    c = bwd_blocks(R, W, block_l, block_w)
-    br, bl, bk, bw = c["BLOCK_R"], c["BLOCK_L"], c["BLOCK_K"], c["BLOCK_W"]
-    p_ws = torch.empty((B, R, L), dtype=torch.float32, device=dev)
-    ds_ws = torch.empty_like(p_ws)
-    _bwd_scores_kernel[(triton.cdiv(L, bl), triton.cdiv(R, br), B)](
-        qt, z, dpooled, pooled, lse, p_ws, ds_ws, qt.stride(0), z.stride(0), z.stride(1), dpooled.stride(0),
+    cfg = launch_configs(R, W, block_l, block_w=block_w, fp32=z.dtype == torch.float32)
+    cs, cz, cq = cfg["_bwd_scores_kernel"], cfg["_bwd_dz_kernel"], cfg["_bwd_dqt_kernel"]
+    prob = torch.empty((B, R, L), dtype=z.dtype, device=dev)   # rounded to z's dtype: exact, see the docstring
+    dscore = torch.empty_like(prob)
+    _bwd_scores_kernel[(triton.cdiv(L, cs["BLOCK_L"]), triton.cdiv(R, cs["BLOCK_R"]), B)](
+        qt, z, dpooled, pooled, lse, prob, dscore, qt.stride(0), z.stride(0), z.stride(1), dpooled.stride(0),
         dpooled.stride(1), pooled.stride(0), pooled.stride(1), R, L, W, float(scale), float(scale) * LOG2E,
-        BLOCK_R=br, BLOCK_L=bl, BLOCK_K=bk, F32=f32)
+        **cs, F32=f32)
     if need_dz:
-        _bwd_dz_kernel[(triton.cdiv(W, bw), triton.cdiv(L, bl), B)](
-            qt, dpooled, p_ws, ds_ws, dz, qt.stride(0), dpooled.stride(0), dpooled.stride(1), R, L, W,
-            BLOCK_R=br, BLOCK_L=bl, BLOCK_W=bw, F32=f32)
-    programs = triton.cdiv(W, bw) * triton.cdiv(R, br)
+        _bwd_dz_kernel[(triton.cdiv(W, cz["BLOCK_W"]), triton.cdiv(L, cz["BLOCK_L"]), B)](
+            qt, dpooled, prob, dscore, dz, qt.stride(0), dpooled.stride(0), dpooled.stride(1), R, L, W,
+            **cz, F32=f32)
+    programs = triton.cdiv(W, cq["BLOCK_W"]) * triton.cdiv(R, cq["BLOCK_R"])
     chunks = max(1, min(B, n_chunks or _num_chunks(B, programs, dev)))
     per_chunk = triton.cdiv(B, chunks)
     chunks = triton.cdiv(B, per_chunk)
     dqt_ws = torch.empty((chunks, R, W), dtype=torch.float32, device=dev)
-    _bwd_dqt_kernel[(triton.cdiv(W, bw), triton.cdiv(R, br), chunks)](
-        z, ds_ws, dqt_ws, z.stride(0), z.stride(1), B, R, L, W, per_chunk,
-        BLOCK_R=br, BLOCK_L=bl, BLOCK_W=bw, F32=f32)
+    _bwd_dqt_kernel[(triton.cdiv(W, cq["BLOCK_W"]), triton.cdiv(R, cq["BLOCK_R"]), chunks)](
+        z, dscore, dqt_ws, z.stride(0), z.stride(1), B, R, L, W, per_chunk, **cq, F32=f32)
     return dqt_ws.sum(0).to(qt.dtype), dz
 
 

@@ -263,6 +263,32 @@ def blocks(P: int, Dh: int, max_q: int, block_m=None, block_n=None) -> dict:
                 BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_D=max(16, triton.next_power_of_2(Dh)))
 
 
+def launch_configs(P: int, Dh: int, max_q: int, block_m=None, block_n=None, fp32: bool = False) -> dict:
+    """{kernel name: its constexpr tiles plus num_warps / num_stages}: what the launchers pass, per kernel.
+
+    Sized for sm_90 with scripts/kernel_resources.py (ptxas registers / spills at the realistic shapes); the
+    reasons sit next to each choice. block_m / block_n, when given, apply to every kernel as before.
+    """
+    c = blocks(P, Dh, max_q, block_m, block_n)
+    # num_stages 2: suffixes are 2..14 tokens, so a row tile's key span is ~BLOCK_M + 14 keys, 2-3 BLOCK_N
+    # steps; one tile prefetched while the other is used is all the pipelining there is to have. A third
+    # buffer (triton's default) only adds shared memory (fwd at Dh 128: 72 -> 56 KiB per CTA).
+    # fp32 operands: tl.dot becomes an FMA loop holding both operands and the accumulator in registers, twice
+    # the bytes of bf16; at 4 warps every kernel spilled (0.7-1.6 KB), 8 warps halve each thread's share.
+    w = dict(num_warps=8 if fp32 else 4, num_stages=2)
+    # Backward row tile at Dh > 64 (BLOCK_D 128): the dq kernel keeps dq [BLOCK_M, 128] fp32, q / do and the
+    # prefix gradients live across its key loop; at BLOCK_M 64 ptxas hits the 255-register cap and spills
+    # (and dkdv, whose row loop holds q, do [BLOCK_M, 128], does too). BLOCK_M 32 fits both in ~185
+    # registers, 2 CTAs (8 warps) per SM, no spills, no extra traffic beyond re-reading a few k / v rows.
+    # (8 warps at BLOCK_M 64 did not help: 255 registers and spills again.) Dh <= 64 keeps 64: 183 / 136
+    # registers, no spills. fp32 needs BLOCK_M 32 too: dkdv at 64 rows wants more than 255 registers even at
+    # 8 warps (ptxas then falls back to 32 registers and 6.8 KB of spills); at 32, 92 registers.
+    m_bwd = 32 if block_m is None and (c["BLOCK_D"] > 64 or fp32) and c["BLOCK_M"] > 32 else c["BLOCK_M"]
+    bwd = dict(c, BLOCK_M=m_bwd)
+    return {"_fwd_kernel": dict(c, **w), "_bwd_dq_kernel": dict(bwd, **w),
+            "_bwd_dkdv_kernel": dict({k: bwd[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}, **w)}
+
+
 def _strides(*ts):
     return [s for t in ts for s in t.stride()[:3]]
 
@@ -278,7 +304,7 @@ def fwd(q, k, v, pk, pv, cu_q, cu_k, max_q: int, max_k: int, scale: float, *, bl
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if B == 0 or Tq == 0:
         return out, lse
-    c = blocks(P, Dh, max_q, block_m, block_n)
+    c = launch_configs(P, Dh, max_q, block_m, block_n, q.dtype == torch.float32)["_fwd_kernel"]
     _fwd_kernel[(H, triton.cdiv(Tq, c["BLOCK_M"]), B)](
         q, k, v, pk, pv, out, lse, cu_q, cu_k, _segments(cu_q, Tq), *_strides(q, k, v, pk, pv),
         Tq, Tk, P, H, Dh, float(scale) * LOG2E, **c, F32=f32_dots(q.dtype))
@@ -311,7 +337,8 @@ def bwd(dout, q, k, v, pk, pv, out, lse, cu_q, cu_k, max_q: int, max_k: int, sca
     dv = torch.empty((B, Tk, H, Dh), dtype=v.dtype, device=dev)
     if B == 0 or Tq == 0:
         return dq, dk.zero_(), dv.zero_(), torch.zeros_like(pk), torch.zeros_like(pv)
-    c = blocks(P, Dh, max_q, block_m, block_n)
+    cfg = launch_configs(P, Dh, max_q, block_m, block_n, q.dtype == torch.float32)
+    c = cfg["_bwd_dq_kernel"]
     f32 = f32_dots(q.dtype)
     n_tiles = triton.cdiv(Tq, c["BLOCK_M"])
     chunks = max(1, min(n_tiles, n_chunks or _num_chunks(n_tiles, B * H, dev)))
@@ -324,10 +351,10 @@ def bwd(dout, q, k, v, pk, pv, out, lse, cu_q, cu_k, max_q: int, max_k: int, sca
         q, dout, k, v, pk, pv, out, lse, delta, dq, dpk_ws, dpv_ws, cu_q, cu_k, _segments(cu_q, Tq),
         *_strides(q, dout, k, v, pk, pv, out), B, Tq, Tk, P, H, Dh, n_tiles, per_chunk,
         float(scale), float(scale) * LOG2E, **c, F32=f32)
-    _bwd_dkdv_kernel[(H, triton.cdiv(Tk, c["BLOCK_N"]), B)](
+    ckv = cfg["_bwd_dkdv_kernel"]
+    _bwd_dkdv_kernel[(H, triton.cdiv(Tk, ckv["BLOCK_N"]), B)](
         q, dout, k, v, lse, delta, dk, dv, cu_q, cu_k, _segments(cu_k, Tk), *_strides(q, dout, k, v),
-        Tq, Tk, H, Dh, float(scale), float(scale) * LOG2E,
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=c["BLOCK_D"], F32=f32)
+        Tq, Tk, H, Dh, float(scale), float(scale) * LOG2E, **ckv, F32=f32)
     return dq, dk, dv, dpk_ws.sum(0).to(pk.dtype), dpv_ws.sum(0).to(pv.dtype)
 
 

@@ -38,6 +38,17 @@ def test_chunks_of_images_and_classes_are_exact(model, photos):
     torch.testing.assert_close(chunked, whole, rtol=2e-4, atol=2e-5)
 
 
+def test_compiled_equals_eager(model, photos):
+    """compile=True (inductor) over chunks of unequal size (a recompile, dynamic): the eager logits."""
+    from intcoop.testing import assert_close, perturb_prompt
+
+    m = perturb_prompt(intcoop.IntCoOp.from_clip(model.clip))
+    x = torch.stack([m.preprocess(im) for im in photos])
+    torch._dynamo.reset()
+    compiled = intcoop.fast_logits(x, NAMES * 2, m, batch_size=3, compile=True)
+    assert_close(compiled, intcoop.fast_logits(x, NAMES * 2, m), torch.float32)
+
+
 def test_grey_and_palette_images_are_converted(model, photos):
     grey = photos[0].convert("L")
     torch.testing.assert_close(intcoop.fast_logits(grey, NAMES, model),

@@ -7,6 +7,7 @@ source "photos": seeded crops of the scikit-image / scikit-learn sample photos) 
 import csv
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,13 @@ def _model(clip, **kw):
 def _cfg(out, augment=True, workers=0, **train):
     base = dict(epochs=3, batch_size=8, lr=0.01, out=str(out), seed=3, log_every=1)
     return RunConfig(train=TrainConfig(**{**base, **train}), data=DataConfig(augment=augment, workers=workers))
+
+
+def _free_port() -> int:
+    """A TCP port free right now (the OS picks it), for torchrun's rendezvous: two runs never share one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _same(a: dict, b: dict):
@@ -217,7 +225,7 @@ def test_ddp_gloo_two_processes_equals_one_process(tmp_path, small, small_labels
     worker.write_text(DDP_WORKER.format(tests=str(TESTS)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29500 + os.getpid() % 1000), str(worker), "--config",
+                           "--master_port", str(_free_port()), str(worker), "--config",
                            str(tmp_path / "cfg.yaml"), "--no-progress"], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -265,7 +273,7 @@ def test_ddp_ranks_end_identical_oracle(tmp_path, small, small_labels):
     save_config(cfg, tmp_path / "cfg.yaml")
     (tmp_path / "w.py").write_text(DDP_RANKS.format(tests=str(TESTS)))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(30500 + os.getpid() % 1000), str(tmp_path / "w.py"), str(tmp_path / "cfg.yaml"),
+                           str(_free_port()), str(tmp_path / "w.py"), str(tmp_path / "cfg.yaml"),
                            str(tmp_path / "rank")], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]

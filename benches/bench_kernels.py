@@ -109,8 +109,26 @@ class PrefixCase:
     def sdpa_packed(self, q, k, v, pk, pv):
         """SDPA on the padded layout, gathered back to packed rows: out [B, Tq, H, Dh] (differentiable)."""
         qp, kp, vp, mask, vq = self.padded(q, k, v, pk, pv)
-        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.args[-1])
+        o = _sdpa(qp, kp, vp, mask, self.args[-1])
         return o.transpose(1, 2).reshape(q.shape[0], vq.shape[0], vq.shape[1], H, DH)[:, vq]
+
+
+SDPA_MAX_BATCH = 65535        # a CUDA grid dimension; some SDPA kernels put the batch there
+_SDPA_CHUNKED: set = set()    # shapes whose SDPA call had to be split (named in the results)
+
+
+def _sdpa(q, k, v, mask, scale):
+    """SDPA over [B*S, H, len, Dh]; if a kernel refuses the batch of B*S = 256,000 prompts, in chunks of 65,535."""
+    if q.shape[0] <= SDPA_MAX_BATCH or q.shape not in _SDPA_CHUNKED:
+        try:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        except RuntimeError:
+            if q.shape[0] <= SDPA_MAX_BATCH:
+                raise
+            _SDPA_CHUNKED.add(q.shape)
+    return torch.cat([F.scaled_dot_product_attention(q[i:i + SDPA_MAX_BATCH], k[i:i + SDPA_MAX_BATCH],
+                                                     v[i:i + SDPA_MAX_BATCH], attn_mask=mask[i:i + SDPA_MAX_BATCH],
+                                                     scale=scale) for i in range(0, q.shape[0], SDPA_MAX_BATCH)])
 
 
 def _pad_index(cu, width):
@@ -148,6 +166,10 @@ def _check_prefix(case, provider, out, grads=None):
 PROVIDERS = ["triton", "torch", "sdpa"]
 
 
+def _name(provider):
+    return provider + (" (in chunks of 65,535 prompts)" if provider == "sdpa" and _SDPA_CHUNKED else "")
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("layer", ["causal", "eot"])
 def test_prefix_attention_fwd(benchmark, record, layer, provider):
@@ -156,7 +178,7 @@ def test_prefix_attention_fwd(benchmark, record, layer, provider):
     if provider == "sdpa":
         _check_prefix(case, provider, case.sdpa_packed(*a[:5]))
         qp, kp, vp, mask, _ = case.padded(*a[:5])
-        fn = lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=a[-1])  # noqa: E731
+        fn = lambda: _sdpa(qp, kp, vp, mask, a[-1])  # noqa: E731
     else:
         impl = kpa.TritonPrefixAttention if provider == "triton" else TorchPrefixAttention
         try:
@@ -165,7 +187,7 @@ def test_prefix_attention_fwd(benchmark, record, layer, provider):
             pytest.skip(f"the {provider} backend runs out of GPU memory at B={B}, N={N}")
         fn = lambda: impl.fwd(*a)  # noqa: E731
     _report(benchmark, record, fn, case.fwd_flops, case.fwd_bytes, op="prefix_attention", direction="fwd",
-            layer=layer, provider=provider, shape=f"B{B} N{N} H{H} Dh{DH} P{P}")
+            layer=layer, provider=_name(provider), shape=f"B{B} N{N} H{H} Dh{DH} P{P}")
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -180,7 +202,7 @@ def test_prefix_attention_bwd(benchmark, record, layer, provider):
         _check_prefix(case, provider, out.detach(), grads)
         qp, kp, vp, mask, _ = case.padded(*a[:5])
         qp, kp, vp = (t.detach().requires_grad_(True) for t in (qp, kp, vp))
-        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=a[-1])
+        o = _sdpa(qp, kp, vp, mask, a[-1])
         dop = torch.randn_like(o)
         fn = lambda: torch.autograd.grad(o, (qp, kp, vp), dop, retain_graph=True)  # noqa: E731
     else:
@@ -194,7 +216,7 @@ def test_prefix_attention_bwd(benchmark, record, layer, provider):
         del grads
         fn = lambda: impl.bwd(dout, *a[:5], out, lse, *a[5:])  # noqa: E731
     _report(benchmark, record, fn, 2.5 * case.fwd_flops, case.bwd_bytes, op="prefix_attention", direction="bwd",
-            layer=layer, provider=provider, shape=f"B{B} N{N} H{H} Dh{DH} P{P}")
+            layer=layer, provider=_name(provider), shape=f"B{B} N{N} H{H} Dh{DH} P{P}")
 
 
 # ------------------------------------------------------------------------------------------------ patch pool

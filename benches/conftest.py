@@ -3,6 +3,7 @@
 Each bench stores its comparison in `benchmark.extra_info` and calls `record(...)`; the table of all records is
 printed at the end of `pytest benches/` (and written to benches/last_run.md, or to $INTCOOP_BENCH_TABLE).
 """
+import json
 import os
 import platform
 import statistics
@@ -17,6 +18,10 @@ from intcoop.testing import wall_time  # noqa: E402
 
 THREADS = int(os.environ.get("INTCOOP_BENCH_THREADS", "2"))
 torch.set_num_threads(THREADS)
+# fp32 on a GPU means fp32: no TF32 in cuDNN convolutions (the patch embedding) or matmuls, whose kernel choice
+# differs with the batch size and would move fp32 results by ~1e-4 between two batch sizes of the same images.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 _RECORDS: list[dict] = []
 
 
@@ -44,6 +49,12 @@ def vit_b16_model():
 
     torch.manual_seed(0)
     model = perturb_prompt(intcoop.IntCoOp.from_clip(open_clip.create_model("ViT-B-16", pretrained=None)), std=0.02)
+    if torch.cuda.is_available():       # time the kernels, not a silent fallback to the torch backend
+        from intcoop.ops import dispatch
+
+        chosen = repr(dispatch.choose("prefix_attention", torch.ones(1, device="cuda")))
+        assert "intcoop.kernels" in chosen, f"the Triton backend is not in use on the GPU: {chosen}\n" + \
+            "\n".join(map(str, dispatch.report("cuda")))
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
@@ -67,8 +78,14 @@ def timed(benchmark):
 
 @pytest.fixture
 def record():
+    """record(**row): one row of the closing table; also appended at once to $INTCOOP_BENCH_ROWS (JSON lines) if
+    set, so that a run stopped by a time limit keeps what it measured."""
     def add(**row):
         _RECORDS.append(row)
+        path = os.environ.get("INTCOOP_BENCH_ROWS")
+        if path:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(row, default=str) + "\n")
     return add
 
 

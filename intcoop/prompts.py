@@ -44,6 +44,11 @@ class CrossAttentionConditioner(nn.Module):
 
     def forward(self, ctx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         H, Dh = self.heads, self.head_dim
+        dev = tokens.device.type
+        if torch.is_autocast_enabled(dev) and tokens.dtype == torch.float32:
+            # custom ops are not autocast: do what autocast would do for this matmul-like op (bf16 under a bf16
+            # autocast: tensor-core kernels instead of the fp32 path, half the bytes of the patch tokens)
+            tokens = tokens.to(torch.get_autocast_dtype(dev))
         pooled = patch_pool(self.folded_queries(ctx).to(tokens.dtype), tokens, Dh ** -0.5)   # [B, M*H, Wv]
         pooled = pooled.unflatten(1, (-1, H))                                               # [B, M, H, Wv]
         vals = torch.einsum("bmhw,hdw->bmhd", pooled, self.v.weight.view(H, Dh, -1).to(pooled.dtype))

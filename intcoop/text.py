@@ -40,7 +40,8 @@ class ClassSuffixes:
 
     def chunk(self, start: int, stop: int) -> "ClassSuffixes":
         """The classes start:stop, re-based to offset 0."""
-        a, b = int(self.cu[start]), int(self.cu[stop])
+        a = sum(self.lengths[:start])                  # from the host copy: no device sync, no graph break
+        b = a + sum(self.lengths[start:stop])
         return ClassSuffixes(self.ids[a:b], self.pos[a:b], self.cu[start:stop + 1] - a, self.eot[start:stop] - a,
                              max(self.lengths[start:stop]), self.lengths[start:stop])
 

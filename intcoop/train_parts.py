@@ -169,9 +169,10 @@ class AttributeData:
 
     def batch(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(target [B, D] float32, valid [B] bool) of the items idx."""
-        r = self.row[idx]
+        r = self.row[idx.to(self.row.device)]
         if self.emb.shape[0] == 0:                 # no usable label at all: every row is masked out
             return self.emb.new_zeros(len(idx), self.emb.shape[-1]).to(device), (r >= 0).to(device)
+        r = r.to(self.emb.device, non_blocking=True)   # index on the table's device: no implicit blocking copy
         return self.emb[r.clamp_min(0)].to(device, non_blocking=True), (r >= 0).to(device, non_blocking=True)
 
 

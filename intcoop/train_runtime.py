@@ -63,12 +63,13 @@ class Window:
         self.reset()
 
     def reset(self):
-        self.rows, self.steps, self.t0 = [], [], time.perf_counter()
+        self.rows, self.images, self.steps, self.t0 = [], [], [], time.perf_counter()
 
     def add(self, step: int, parts: dict, n: int):
         self.steps.append(step)
         self.rows.append(torch.stack([parts["loss"], parts["ce"], parts["attr"], parts["reg"],
-                                      parts["correct"].float(), parts["loss"].new_tensor(n)]))
+                                      parts["correct"].float()]))
+        self.images.append(n)                       # a Python int: new_tensor(n) would be a synchronous copy
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -76,6 +77,7 @@ class Window:
     def reduce(self, world: int):
         """(global sums [loss, ce, attr, reg, correct, images, steps, non-finite count], first bad local step)."""
         rows = torch.stack(self.rows).float()
+        rows = torch.cat([rows, rows.new_tensor(self.images)[:, None]], 1)
         finite = torch.isfinite(rows[:, 0])
         sums = torch.cat([rows.sum(0), rows.new_tensor([len(self.rows), int((~finite).sum())])])
         if world > 1:

@@ -1,6 +1,7 @@
 """What the Triton kernels share: the fp32-accumulating dot, the interpreter's bf16 workaround, launcher helpers."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -55,3 +56,15 @@ def f32_dots(dtype: torch.dtype) -> bool:
 
 def last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def on_input_device(launcher):
+    """Run a launcher with its first tensor's CUDA device current: triton launches on the current device, which
+    need not be the inputs' (e.g. tensors on cuda:1 while cuda:0 is current). CPU tensors (interpreter): as is."""
+    @functools.wraps(launcher)
+    def run(first, *args, **kwargs):
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+    return run

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, f32_dots, last_contiguous, mm
+from ._common import LOG2E, f32_dots, last_contiguous, mm, on_input_device
 
 __all__ = ["TritonPatchPool", "fwd", "bwd"]
 
@@ -239,6 +239,7 @@ def launch_configs(R: int, W: int, block_l=None, block_wo=None, block_w=None, fp
                                     num_stages=2)}
 
 
+@on_input_device
 def fwd(qt, z, scale: float, *, block_l=None, block_wo=None):
     """pooled [B, R, W] (z's dtype), lse [B, R] float32. block_l / block_wo override the tile sizes."""
     _check(qt, z)
@@ -265,6 +266,7 @@ def _num_chunks(B: int, programs: int, device: torch.device) -> int:
     return max(1, min(B, triton.cdiv(target, programs)))
 
 
+@on_input_device
 def bwd(dpooled, qt, z, pooled, lse, scale: float, need_dz: bool, *, block_l=None, block_w=None, n_chunks=None):
     """(dqt [R, W], dz [B, L, W] or empty(0)) in the inputs' dtypes. Keywords override the tiling."""
     _check(qt, z)

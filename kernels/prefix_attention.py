@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, f32_dots, last_contiguous, mm
+from ._common import LOG2E, f32_dots, last_contiguous, mm, on_input_device
 
 __all__ = ["TritonPrefixAttention", "fwd", "bwd"]
 
@@ -293,6 +293,7 @@ def _strides(*ts):
     return [s for t in ts for s in t.stride()[:3]]
 
 
+@on_input_device
 def fwd(q, k, v, pk, pv, cu_q, cu_k, max_q: int, max_k: int, scale: float, *, block_m=None, block_n=None):
     """out [B, Tq, H, Dh] (q's dtype), lse [B, H, Tq] float32. block_m / block_n override the tile sizes."""
     _check(q, k, v, pk, pv, cu_q, cu_k)
@@ -319,6 +320,7 @@ def _num_chunks(n_tiles: int, programs: int, device: torch.device) -> int:
     return max(1, min(n_tiles, triton.cdiv(target, programs)))
 
 
+@on_input_device
 def bwd(dout, q, k, v, pk, pv, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale: float, *,
         block_m=None, block_n=None, n_chunks=None):
     """(dq, dk, dv, dpk, dpv) in the inputs' dtypes. block_m / block_n / n_chunks override the tiling."""

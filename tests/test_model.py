@@ -95,3 +95,20 @@ def test_from_name_random_weights_and_offline_error(monkeypatch):
         intcoop.IntCoOp.from_clip("ViT-B-16", "openai")
     with pytest.raises(ValueError, match="unknown open_clip model"):
         intcoop.IntCoOp.from_clip("ViT-Nope-1", None)
+
+
+def test_attention_conditioning_under_bf16_autocast(clip_tiny, monkeypatch):
+    """Custom ops are not autocast: the conditioner casts fp32 patch tokens to the autocast dtype itself (tensor
+    cores on a GPU), and the prefix stays within the bf16 tolerance of fp32."""
+    from intcoop.ops import patch_pool as pp
+
+    model = perturb_prompt(intcoop.IntCoOp.from_clip(clip_tiny))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    feats, tokens = model.image_features(x)
+    seen = []
+    real = pp.dispatch.choose
+    monkeypatch.setattr(pp.dispatch, "choose", lambda op, *t, **kw: seen.append(t[1].dtype) or real(op, *t, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.prompt_prefix(feats=feats, tokens=tokens)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert_close(mixed.float(), model.prompt_prefix(feats=feats, tokens=tokens), torch.bfloat16)

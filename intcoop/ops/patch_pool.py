@@ -79,7 +79,7 @@ def _bwd(dpooled: torch.Tensor, qt: torch.Tensor, z: torch.Tensor, pooled: torch
 
 @_bwd.register_fake
 def _bwd_fake(dpooled, qt, z, pooled, lse, scale, need_dz):
-    return torch.empty_like(qt), (torch.empty_like(z) if need_dz else z.new_empty(0))
+    return qt.new_empty(qt.shape), (z.new_empty(z.shape) if need_dz else z.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -149,7 +149,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv
 @_fwd.register_fake
 def _fwd_fake(q, k, v, pk, pv, cu_q, cu_k, max_q, max_k, scale):
     B, Tq, H, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, Tq), dtype=lse_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("intcoop::prefix_attention_bwd", mutates_args=())
@@ -163,8 +163,7 @@ def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 @_bwd.register_fake
 def _bwd_fake(dout, q, k, v, pk, pv, out, lse, cu_q, cu_k, max_q, max_k, scale):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(pk),
-            torch.empty_like(pv))
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, pk, pv))   # contiguous, as every backend returns
 
 
 def _setup_context(ctx, inputs, output):

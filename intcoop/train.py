@@ -14,7 +14,8 @@ What a run does (METHOD.md objective, CoOp's recipe):
   remaining epochs: lr(e) = lr * (1 + cos(pi * (e - W) / (E - W))) / 2.
 - Precision "auto": bf16 autocast on GPU, fp32 on CPU ("bf16" / "fp32" force it). Losses are float32.
 - `train.compile`: torch.compile around the step's forward (prompt learner, fast text encoder, logits, losses;
-  AOTAutograd compiles its backward); if compiling fails, a warning and the eager step. The text side is the
+  AOTAutograd compiles its backward) and around validation's logits (`model.logits_function`); if compiling
+  fails, a warning and the eager path. The text side is the
   fast encoder (`model.text_features`) with the class suffixes tokenised once, outside the compiled region.
 - Attributes: labels from a labels file (`labels.read_labels`) or a dict id -> word (or -> record); targets by
   `vocab.attribute_targets`, once per distinct word; `label_noise=p` gives a seeded fraction p of the labelled
@@ -54,7 +55,7 @@ from . import losses
 from .backbone import image_size
 from .checkpoint import load_prompt_state, load_trained, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, save_config
-from .model import IntCoOp
+from .model import IntCoOp, logits_function
 from .train_cli import (CONFIG_DIR, add_train_arguments, main, parse_overrides, resolve_config, run_from_args,
                         train_main)
 from .train_parts import AttributeData, StepModule, attribute_data, build_model, check_classes, load_training_data
@@ -333,13 +334,20 @@ class Trainer:
         loader = make_loader(ImageDataset(items, self._transform(False)), self.config.train.batch_size,
                              workers=self.config.data.workers)
         suf, correct, m = self.model.suffixes(self.classnames), 0, self.model
+        logits_of = logits_function(self.compile_backend if self.config.train.compile else False)   # + compile
         for x, y, _ in loader:
             feats, tokens = self._image_features(x)
             none = (torch.full((len(y), m.tower.width), float("nan"), device=self.device)
                     if m.attributes_mode == "oracle" else None)
             with _autocast(self.config.train.precision, self.device):
-                logits = m.scores(feats, m.text_features(m.prompt_prefix(feats=feats, tokens=tokens,
-                                                                         attr_targets=none), suf))
+                try:
+                    logits = logits_of(m, feats, tokens, suf, none)
+                except Exception as exc:                 # a compiler failure: as for the step, go on eagerly
+                    if logits_of is IntCoOp.logits_from_features:
+                        raise
+                    warnings.warn(f"compiled validation failed ({type(exc).__name__}: {exc}); evaluating eagerly")
+                    logits_of = IntCoOp.logits_from_features
+                    logits = logits_of(m, feats, tokens, suf, none)
             correct += int((logits.argmax(-1).cpu() == y).sum())
         return correct / max(len(items), 1)
 

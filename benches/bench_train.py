@@ -16,9 +16,7 @@ thread samples the process's resident set size (/proc/self/statm) every 2 ms dur
 reported is the peak minus the level just before the step (MiB).
 """
 import ctypes
-import statistics
 import threading
-import time
 
 import pytest
 import torch
@@ -27,7 +25,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from intcoop import losses
 from intcoop.config import TrainConfig
 from intcoop.reference import encode_prompts_reference
-from intcoop.testing import assert_close
+from intcoop.testing import assert_close, wall_median, wall_time
 from intcoop.train_parts import StepModule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,11 +124,6 @@ class PeakRSS:
 PeakMemory = PeakCUDA if DEVICE == "cuda" else PeakRSS
 
 
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 def test_steps_agree(model):
     """Losses and every gradient of the two steps agree (B = 3, N = 7; no optimiser step: lr 0)."""
     names = list(IMAGENET_CLASSNAMES[:7])
@@ -150,43 +143,26 @@ def test_steps_agree(model):
     assert l_fast["attr"] > 0 and l_fast["reg"] > 0
 
 
-def test_train_step(benchmark, record, model):
+def test_train_step(benchmark, timed, record, model):
     names = list(IMAGENET_CLASSNAMES[:N])
     state = {k: v.clone() for k, v in model.prompt.state_dict().items()}
     inputs = _inputs(model, B_FAST, names)
     module = StepModule(model, model.suffixes(names), TC, use_attr=True)
     opt = torch.optim.SGD(_params(model), lr=1e-6, momentum=0.9)
     fast_step(model, module, opt, inputs)                               # warm-up (not timed)
-    _sync()
-    times = []
-
-    def timed():
-        t0 = time.perf_counter()
-        fast_step(model, module, opt, inputs)
-        _sync()
-        times.append(time.perf_counter() - t0)
-    with PeakMemory() as mem_fast:                 # own clock too: --benchmark-disable runs it once, without stats
-        benchmark.pedantic(timed, rounds=2, iterations=1)
-    t_fast = statistics.median(times)
+    wall_time(lambda: None)                                             # waits for the GPU
+    with PeakMemory() as mem_fast:
+        t_fast, _ = timed(lambda: fast_step(model, module, opt, inputs), rounds=2, warmup=0)
 
     ref_inputs = tuple(v[:B_REF] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == B_FAST else v
                        for v in inputs)
     opt_ref = torch.optim.SGD(_params(model), lr=1e-6, momentum=0.9)
     with PeakMemory() as mem_ref:
-        t0 = time.perf_counter()
-        reference_step(model, names, opt_ref, ref_inputs)
-        _sync()
-        t_ref = time.perf_counter() - t0
+        t_ref, _ = wall_time(reference_step, model, names, opt_ref, ref_inputs)
     model.prompt.load_state_dict(state)
 
     x = torch.randn(B_REF, 3, 224, 224, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    tower = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        model.image_features(x)
-        _sync()
-        tower.append(time.perf_counter() - t0)
-    t_tower = statistics.median(tower) / B_REF
+    t_tower = wall_median(lambda: model.image_features(x), 2)[0] / B_REF
 
     ratio = (t_ref / B_REF) / (t_fast / B_FAST)
     benchmark.extra_info.update(

@@ -1,4 +1,5 @@
-"""Build and install intcoop. The compiled core (csrc/) is described here once; see README 'Install'.
+"""The compiled core of intcoop, intcoop._C (csrc/), described here once; pyproject.toml holds everything else
+(metadata, dependencies, packages, package data, the console script). See README "Install by hand".
 
 `pip install --no-build-isolation -e .` builds the optional extension `intcoop._C` with torch.utils.cpp_extension:
     always   csrc/*.cpp and csrc/cpu/*.cpp (C++17, OpenMP, -O3)
@@ -12,15 +13,12 @@ import glob
 import os
 import shutil
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # A100, H100/H200 (sm_90) and PTX for newer GPUs; ~4 s more than "9.0" here
 CPU_SOURCES = ("csrc/*.cpp", "csrc/cpu/*.cpp")
 CUDA_SOURCES = ("csrc/cuda/*.cpp", "csrc/cuda/*.cu")
-
-packages = find_packages(include=["intcoop", "intcoop.*"]) + ["intcoop.kernels"]
-
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip() == "1"
@@ -86,16 +84,5 @@ def extension_modules():
 
 ext_modules, cmdclass = extension_modules()
 
-setup(
-    name="intcoop",
-    version="0.1.0",
-    packages=packages,
-    package_dir={"intcoop.kernels": "kernels"},
-    package_data={"intcoop": ["configs/*.yaml", "configs/*.json"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "open_clip_torch>=3.0", "transformers>=4.40", "tqdm", "PyYAML", "pillow",
-                      "numpy", "matplotlib"],
-    entry_points={"console_scripts": ["intcoop = intcoop.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# Only what pyproject.toml cannot say: the compiled extension and torch's build_ext.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,13 +1,16 @@
-"""The Triton kernels (intcoop.kernels) against the torch backend and torch SDPA, forward and backward, on a GPU.
+"""The Triton kernels (intcoop.kernels) against the torch backend (and torch SDPA for patch_pool), forward and
+backward, on a GPU.
 
 Realistic bf16 sizes: prefix attention at B = 256 images x N = 1000 prompts (suffix lengths 2..14, mean ~4.2),
 H = 8, Dh = 64, P = 6, both for an ordinary layer (every suffix row) and the last layer (EOT rows only);
-patch_pool at B = 256, R = 32, L = 197, W = 768. SDPA runs the same attention on the padded layout it needs
-(each prompt padded to max_q queries and P + max_k keys, boolean mask), padding done outside the timing.
+patch_pool at B = 256, R = 32, L = 197, W = 768. torch SDPA on prefix attention needs a padded batch of
+B x N = 256,000 prompts, past a CUDA grid limit, which can fault the process: it is benched apart, in
+benches/bench_sdpa_baseline.py (its own process, last, in scripts/gpu_check.sh), with the cases defined here.
 Device time: `triton.testing.do_bench` median (L2 flushed between runs) in benchmark.extra_info, with GB/s,
 TFLOP/s and the fraction of the H200 roofline (useful bytes and FLOPs of the op, the same for every provider;
 the bound is max(bytes / 4.8 TB/s, FLOPs / 989 TFLOP/s)). pytest-benchmark's own number is the host clock
-around one synchronised call. Each case first checks its outputs against the torch backend in fp32.
+around one synchronised call. Each case first checks its outputs against the torch backend in fp32, on images
+0, 1, B-2 and B-1 (the first and last programs of the batch dimension).
 Run: pytest benches/bench_kernels.py (needs a CUDA device). INTCOOP_BENCH_REHEARSE=1 runs the same code on a CPU
 at toy sizes, Triton through its interpreter and the host clock for timing: a check of this file before a GPU
 run (tests/test_bench_rehearsal.py does it in CI), whose figures mean nothing.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from intcoop.testing import gpu_bench_device, wall_median, wall_time
+from intcoop.benchmarking import gpu_bench_device, suffix_lengths, wall_median, wall_time
 
 DEV = gpu_bench_device()
 if DEV is None:
@@ -38,7 +41,7 @@ PEAK_FLOP_S = 989e12          # H100/H200 dense bf16
 DT = torch.bfloat16
 B, N, H, DH, P = (256, 1000, 8, 64, 6) if DEV == "cuda" else (2, 9, 2, 64, 6)
 PP_R, PP_L, PP_W = 32, 197, 768
-N_CHECK = 4                   # images compared with the fp32 torch backend
+CHECK = sorted({0, 1, B - 2, B - 1})   # images compared with the fp32 torch backend: both ends of the batch
 
 
 def _report(benchmark, record, fn, flops: float, nbytes: float, op: str, **row):
@@ -58,17 +61,12 @@ def _report(benchmark, record, fn, flops: float, nbytes: float, op: str, **row):
 
 # ------------------------------------------------------------------------------------------ prefix attention
 
-def _lengths(n: int, seed: int) -> list[int]:
-    """Suffix lengths ("name . EOT" tokens) of n prompts: 2..14, mean about 4.2."""
-    g = torch.Generator().manual_seed(seed)
-    return (2 + torch.poisson(torch.full((n,), 2.2), generator=g)).clamp(max=14).long().tolist()
-
 
 class PrefixCase:
-    """Packed inputs, their padded SDPA layout, and the op's useful FLOPs and bytes."""
+    """Packed inputs and the op's useful FLOPs and bytes (bench_sdpa_baseline.py pads them for SDPA)."""
 
     def __init__(self, layer: str):
-        lens_k = _lengths(N, 0)
+        lens_k = suffix_lengths(N, 0)
         lens_q = lens_k if layer == "causal" else [1] * N
         g = torch.Generator(device=DEV).manual_seed(1)
         Tq, Tk = sum(lens_q), sum(lens_k)
@@ -87,56 +85,6 @@ class PrefixCase:
         self.fwd_bytes = io + 4 * B * H * Tq
         self.bwd_bytes = 2 * io + 4 * B * H * Tq       # reads q k v pk pv out dout lse, writes the 5 grads
 
-    def padded(self, q, k, v, pk, pv):
-        """Differentiable gather into SDPA's layout: q [B*S, H, mq, Dh], k/v [B*S, H, P+mk, Dh], mask."""
-        _, _, _, _, _, cu_q, cu_k, mq, mk, _ = self.args
-        iq, vq = _pad_index(cu_q, mq)
-        ik, vk = _pad_index(cu_k, mk)
-        nb, S = q.shape[0], iq.shape[0]
-
-        def heads_first(t):                              # [nb, S, len, H, Dh] -> [nb*S, H, len, Dh]
-            return t.reshape(nb * S, *t.shape[2:]).transpose(1, 2)
-        qp = heads_first(q[:, iq])
-        kp = heads_first(torch.cat([pk[:, None].expand(nb, S, P, H, DH), k[:, ik]], 2))
-        vp = heads_first(torch.cat([pv[:, None].expand(nb, S, P, H, DH), v[:, ik]], 2))
-        i = torch.arange(mq, device=DEV)[None, :, None]
-        j = torch.arange(mk, device=DEV)[None, None, :]
-        lq, lk = (cu_q[1:] - cu_q[:-1])[:, None, None], (cu_k[1:] - cu_k[:-1])[:, None, None]
-        suffix_ok = vk[:, None, :] & (j <= i + lk - lq)
-        mask = torch.cat([torch.ones(S, mq, P, dtype=torch.bool, device=DEV), suffix_ok], 2)
-        return qp, kp, vp, mask[None, :, None].expand(nb, S, 1, mq, P + mk).reshape(nb * S, 1, mq, P + mk), vq
-
-    def sdpa_packed(self, q, k, v, pk, pv):
-        """SDPA on the padded layout, gathered back to packed rows: out [B, Tq, H, Dh] (differentiable)."""
-        qp, kp, vp, mask, vq = self.padded(q, k, v, pk, pv)
-        o = _sdpa(qp, kp, vp, mask, self.args[-1])
-        return o.transpose(1, 2).reshape(q.shape[0], vq.shape[0], vq.shape[1], H, DH)[:, vq]
-
-
-SDPA_MAX_BATCH = 65535        # a CUDA grid dimension; some SDPA kernels put the batch there
-_SDPA_CHUNKED: set = set()    # shapes whose SDPA call had to be split (named in the results)
-
-
-def _sdpa(q, k, v, mask, scale):
-    """SDPA over [B*S, H, len, Dh]; if a kernel refuses the batch of B*S = 256,000 prompts, in chunks of 65,535."""
-    if q.shape[0] <= SDPA_MAX_BATCH or q.shape not in _SDPA_CHUNKED:
-        try:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        except RuntimeError:
-            if q.shape[0] <= SDPA_MAX_BATCH:
-                raise
-            _SDPA_CHUNKED.add(q.shape)
-    return torch.cat([F.scaled_dot_product_attention(q[i:i + SDPA_MAX_BATCH], k[i:i + SDPA_MAX_BATCH],
-                                                     v[i:i + SDPA_MAX_BATCH], attn_mask=mask[i:i + SDPA_MAX_BATCH],
-                                                     scale=scale) for i in range(0, q.shape[0], SDPA_MAX_BATCH)])
-
-
-def _pad_index(cu, width):
-    lens = cu[1:] - cu[:-1]
-    pos = torch.arange(width, device=cu.device)
-    valid = pos[None, :] < lens[:, None]
-    return torch.where(valid, cu[:-1, None].long() + pos[None, :], 0), valid
-
 
 _PREFIX_CASES: dict[str, PrefixCase] = {}
 
@@ -150,73 +98,57 @@ def _prefix_case(layer):
     return _PREFIX_CASES[layer]
 
 
-def _check_prefix(case, provider, out, grads=None):
-    """The first N_CHECK images of a provider's results against the torch backend in fp32."""
+def _check_prefix(case, provider, out, grads=None, picked=False):
+    """The CHECK images of a provider's results against the torch backend in fp32. out (and grads) are full
+    [B, ...] results, or those of the CHECK images alone when picked=True."""
     q, k, v, pk, pv, cu_q, cu_k, mq, mk, scale = case.args
-    small = [t[:N_CHECK].float() for t in (q, k, v, pk, pv)]
+    small = [t[CHECK].float() for t in (q, k, v, pk, pv)]
     ref_out, ref_lse = TorchPrefixAttention.fwd(*small, cu_q, cu_k, mq, mk, scale)
-    assert_close(out[:N_CHECK], ref_out, DT, f"{provider} out")
+
+    def pick(t):
+        return t if picked else t[CHECK]
+    assert_close(pick(out), ref_out, DT, f"{provider} out")
     if grads is not None:
-        ref = TorchPrefixAttention.bwd(case.dout[:N_CHECK].float(), *small, ref_out, ref_lse, cu_q, cu_k, mq, mk,
+        ref = TorchPrefixAttention.bwd(case.dout[CHECK].float(), *small, ref_out, ref_lse, cu_q, cu_k, mq, mk,
                                        scale)
         for name, g, r in zip(("dq", "dk", "dv", "dpk", "dpv"), grads, ref):
-            assert_close(g[:N_CHECK], r, DT, f"{provider} {name}")
+            assert_close(pick(g), r, DT, f"{provider} {name}")
 
 
-PROVIDERS = ["triton", "torch", "sdpa"]
+PREFIX_PROVIDERS = ["triton", "torch"]     # torch SDPA: benches/bench_sdpa_baseline.py
+POOL_PROVIDERS = ["triton", "torch", "sdpa"]
+SHAPE = f"B{B} N{N} H{H} Dh{DH} P{P}"
 
 
-def _name(provider):
-    return provider + (" (in chunks of 65,535 prompts)" if provider == "sdpa" and _SDPA_CHUNKED else "")
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", PREFIX_PROVIDERS)
 @pytest.mark.parametrize("layer", ["causal", "eot"])
 def test_prefix_attention_fwd(benchmark, record, layer, provider):
     case = _prefix_case(layer)
     a = case.args
-    if provider == "sdpa":
-        _check_prefix(case, provider, case.sdpa_packed(*a[:5]))
-        qp, kp, vp, mask, _ = case.padded(*a[:5])
-        fn = lambda: _sdpa(qp, kp, vp, mask, a[-1])  # noqa: E731
-    else:
-        impl = kpa.TritonPrefixAttention if provider == "triton" else TorchPrefixAttention
-        try:
-            _check_prefix(case, provider, impl.fwd(*a)[0])
-        except torch.OutOfMemoryError:
-            pytest.skip(f"the {provider} backend runs out of GPU memory at B={B}, N={N}")
-        fn = lambda: impl.fwd(*a)  # noqa: E731
-    _report(benchmark, record, fn, case.fwd_flops, case.fwd_bytes, op="prefix_attention", direction="fwd",
-            layer=layer, provider=_name(provider), shape=f"B{B} N{N} H{H} Dh{DH} P{P}")
+    impl = kpa.TritonPrefixAttention if provider == "triton" else TorchPrefixAttention
+    try:
+        _check_prefix(case, provider, impl.fwd(*a)[0])
+    except torch.OutOfMemoryError:
+        pytest.skip(f"the {provider} backend runs out of GPU memory at B={B}, N={N}")
+    _report(benchmark, record, lambda: impl.fwd(*a), case.fwd_flops, case.fwd_bytes, op="prefix_attention",
+            direction="fwd", layer=layer, provider=provider, shape=SHAPE)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", PREFIX_PROVIDERS)
 @pytest.mark.parametrize("layer", ["causal", "eot"])
 def test_prefix_attention_bwd(benchmark, record, layer, provider):
     case = _prefix_case(layer)
     a, dout = case.args, case.dout
-    if provider == "sdpa":
-        small = [t[:N_CHECK].detach().requires_grad_(True) for t in a[:5]]
-        out = case.sdpa_packed(*small)
-        grads = torch.autograd.grad(out, small, dout[:N_CHECK])
-        _check_prefix(case, provider, out.detach(), grads)
-        qp, kp, vp, mask, _ = case.padded(*a[:5])
-        qp, kp, vp = (t.detach().requires_grad_(True) for t in (qp, kp, vp))
-        o = _sdpa(qp, kp, vp, mask, a[-1])
-        dop = torch.randn_like(o)
-        fn = lambda: torch.autograd.grad(o, (qp, kp, vp), dop, retain_graph=True)  # noqa: E731
-    else:
-        impl = kpa.TritonPrefixAttention if provider == "triton" else TorchPrefixAttention
-        try:
-            out, lse = impl.fwd(*a)
-            grads = impl.bwd(dout, *a[:5], out, lse, *a[5:])
-            _check_prefix(case, provider, out, grads)
-        except torch.OutOfMemoryError:
-            pytest.skip(f"the {provider} backend runs out of GPU memory at B={B}, N={N}")
-        del grads
-        fn = lambda: impl.bwd(dout, *a[:5], out, lse, *a[5:])  # noqa: E731
-    _report(benchmark, record, fn, 2.5 * case.fwd_flops, case.bwd_bytes, op="prefix_attention", direction="bwd",
-            layer=layer, provider=_name(provider), shape=f"B{B} N{N} H{H} Dh{DH} P{P}")
+    impl = kpa.TritonPrefixAttention if provider == "triton" else TorchPrefixAttention
+    try:
+        out, lse = impl.fwd(*a)
+        grads = impl.bwd(dout, *a[:5], out, lse, *a[5:])
+        _check_prefix(case, provider, out, grads)
+    except torch.OutOfMemoryError:
+        pytest.skip(f"the {provider} backend runs out of GPU memory at B={B}, N={N}")
+    del grads
+    _report(benchmark, record, lambda: impl.bwd(dout, *a[:5], out, lse, *a[5:]), 2.5 * case.fwd_flops,
+            case.bwd_bytes, op="prefix_attention", direction="bwd", layer=layer, provider=provider, shape=SHAPE)
 
 
 # ------------------------------------------------------------------------------------------------ patch pool
@@ -251,7 +183,7 @@ def _check_pool(c, provider, pooled, grads=None):
         assert_close(grads[1], rdz, DT, f"{provider} dz")
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", POOL_PROVIDERS)
 def test_patch_pool_fwd(benchmark, record, pool_case, provider):
     c = pool_case
     if provider == "sdpa":
@@ -264,7 +196,7 @@ def test_patch_pool_fwd(benchmark, record, pool_case, provider):
             shape=f"B{B} R{PP_R} L{PP_L} W{PP_W}")
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", POOL_PROVIDERS)
 def test_patch_pool_bwd(benchmark, record, pool_case, provider):
     c = pool_case
     if provider == "sdpa":

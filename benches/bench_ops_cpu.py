@@ -16,6 +16,7 @@ import torch
 
 from intcoop.ops import _ext
 from intcoop.ops.prefix_attention import TorchPrefixAttention
+from intcoop.benchmarking import suffix_lengths
 from intcoop.testing import assert_close, cu_seqlens
 
 torch.set_num_threads(2)
@@ -25,15 +26,10 @@ ROUNDS = 7
 _MEDIANS: dict[tuple, dict[str, float]] = {}
 
 
-def _lengths(n: int, seed: int) -> list[int]:
-    """Suffix lengths ("name . EOT" tokens) of n prompts: 2..14, mean about 4.2."""
-    g = torch.Generator().manual_seed(seed)
-    return (2 + torch.poisson(torch.full((n,), 2.2), generator=g)).clamp(max=14).long().tolist()
-
 
 def _inputs(size: str, layer: str):
     B, N = SIZES[size]
-    lens_k = _lengths(N, 0)
+    lens_k = suffix_lengths(N, 0)
     lens_q = lens_k if layer == "causal" else [1] * N
     Tq, Tk = sum(lens_q), sum(lens_k)
     g = torch.Generator().manual_seed(1)

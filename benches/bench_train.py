@@ -4,7 +4,7 @@ ViT-B-16-shaped random weights, fp32, this machine's CPU (threads from benches/c
 GPU when there is one. Both steps start from the frozen image tower's outputs (feature + patch tokens, as a run
 with `train.cache_features` does), then: prompt learner -> text features -> logits -> IntCoOp's objective
 (cross-entropy + attribute loss + KgCoOp regulariser) -> backward -> SGD step. The engine's step is
-`intcoop.train_parts.StepModule` (the fast encoder); the CoCoOp-style step computes the text features with
+`intcoop.train.step.StepModule` (the fast encoder); the CoCoOp-style step computes the text features with
 `intcoop.reference.encode_prompts_reference`, same weights, same objective.
 
 The engine runs at B = 32, N = 100 ImageNet class names; the reference at N = 100 costs tens of seconds per image
@@ -22,11 +22,12 @@ import pytest
 import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-from intcoop import losses
+from intcoop.train import losses
 from intcoop.config import TrainConfig
 from intcoop.reference import encode_prompts_reference
-from intcoop.testing import assert_close, wall_median, wall_time
-from intcoop.train_parts import StepModule
+from intcoop.testing import assert_close
+from intcoop.benchmarking import wall_median, wall_time
+from intcoop.train.step import StepModule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B_FAST, B_REF, N = 32, 2, 100

@@ -14,7 +14,10 @@ import torch
 if not torch.cuda.is_available():   # before intcoop is imported: Triton reads it when a kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from intcoop.testing import wall_time  # noqa: E402
+from intcoop.testing import patch_triton_interpreter  # noqa: E402
+from intcoop.benchmarking import wall_time  # noqa: E402
+
+patch_triton_interpreter()   # old triton interpreters under numpy >= 2.4 (a no-op on triton >= 3.8)
 
 THREADS = int(os.environ.get("INTCOOP_BENCH_THREADS", "2"))
 torch.set_num_threads(THREADS)
@@ -39,16 +42,23 @@ def pytest_report_header(config):
     return f"intcoop benches on: {machine()}"
 
 
+BENCH_CLIP = "ViT-B-16-quickgelu"   # OpenAI's ViT-B/16 (the default model's weights) runs QuickGELU, not nn.GELU
+
+
 @pytest.fixture(scope="session")
 def vit_b16_model():
-    """An IntCoOp on a ViT-B-16-shaped CLIP with random weights, every learned part active, on the bench device."""
+    """An IntCoOp on a ViT-B-16-shaped CLIP with QuickGELU (the real model's activation) and random weights,
+    every learned part active, on the bench device. The CPU benches use it too: one model for every figure."""
     import open_clip
 
     import intcoop
     from intcoop.testing import perturb_prompt
 
     torch.manual_seed(0)
-    model = perturb_prompt(intcoop.IntCoOp.from_clip(open_clip.create_model("ViT-B-16", pretrained=None)), std=0.02)
+    clip = open_clip.create_model(BENCH_CLIP, pretrained=None)
+    act = type(clip.transformer.resblocks[0].mlp.gelu).__name__
+    assert act == "QuickGELU", f"{BENCH_CLIP} built with {act}, not QuickGELU"
+    model = perturb_prompt(intcoop.IntCoOp.from_clip(clip), std=0.02)
     if torch.cuda.is_available():       # time the kernels, not a silent fallback to the torch backend
         from intcoop.ops import dispatch
 
@@ -92,7 +102,7 @@ def record():
 def pytest_terminal_summary(terminalreporter):
     if not _RECORDS:
         return
-    from intcoop.evaluate import markdown_table
+    from intcoop._io import markdown_table
 
     table = markdown_table(_RECORDS)
     terminalreporter.write_sep("=", "intcoop: side-by-side results (same run)")

@@ -2,10 +2,11 @@
 
 Public names: `IntCoOp` (the model), `encode_prompts` (the batched per-instance text encoder), `fast_logits`
 (logits of images x class names), `load_clip`. Heavier parts (training, evaluation, explanation, labelling) are
-imported from their modules: `intcoop.train`, `intcoop.evaluate`, `intcoop.explain`, `intcoop.labels`.
+imported from their rooms: `intcoop.train`, `intcoop.evaluation`, `intcoop.attributes`, `intcoop.experiments`.
 """
-from .api import default_model, fast_logits
-from .backbone import WeightsUnavailable, load_clip
+from .api import fast_logits
+from .inference import default_model
+from .clip import WeightsUnavailable, load_clip
 from .config import ModelConfig, RunConfig, load_config
 from .model import IntCoOp
 from .text import encode_prompts

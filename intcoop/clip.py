@@ -7,12 +7,23 @@ them, and in seconds: before open_clip is asked for a pretrained tag, the file t
 hub file, else the URL, as open_clip's `download_pretrained` picks) is looked up in its cache; if it is not there,
 `hub_reachable(url)` tries one TCP connection to the host (or to the *_proxy proxy), `PROBE_TIMEOUT` s, instead of
 huggingface_hub's ~45 s of retries (INTCOOP_SKIP_NETWORK_PROBE=1 turns the probe off).
+The activation is the one the weights were trained with (`Clip.activation`, "quick_gelu" or "gelu"; open_clip 3.3
+builds "ViT-B-16" with nn.GELU even for the `openai` tag and only warns): a tag's pretrained config decides
+(`quick_gelu`: True for OpenAI's, DFN's and MetaCLIP's weights); a local file's format decides when it can
+(intcoop/clip_files.py: OpenAI's TorchScript archives and state dicts extracted from them are QuickGELU; a hub
+snapshot's open_clip_config.json), else the name (a plain state dict of QuickGELU-trained weights, e.g. OpenAI's, needs "ViT-B-16-quickgelu"); a file
+that contradicts an explicit "-quickgelu" name raises. `fingerprint(model)` is a sha256 over the frozen weights
+(cached per model), which checkpoints record. Tokenizers are built once: one per model name
+(`tokenizer_for_name`) and one CLIP BPE per context length (`default_tokenizer`, for model instances).
 `image_features` gives f(x) [B, E] and Z(x) [B, L, Wv] (all final-layer tokens after ln_post, the class token
 included: L = 197 for ViT-B/16 at 224 px).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +31,7 @@ import torch
 from torch import nn
 
 __all__ = ["Clip", "load_clip", "image_features", "WeightsUnavailable", "check_supported", "register_tiny_clip",
-           "TINY_CLIP", "hub_reachable"]
+           "TINY_CLIP", "hub_reachable", "activation_of", "default_tokenizer", "tokenizer_for_name", "fingerprint", "activation_plan"]
 
 DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-16", "openai"
 TINY_CLIP = "intcoop-tiny"   # a test-sized open_clip config shipped in intcoop/configs (use with pretrained=None)
@@ -43,23 +54,67 @@ class WeightsUnavailable(RuntimeError):
 
 @dataclass
 class Clip:
-    """An open_clip model with its preprocessing (eval transform) and tokenizer."""
+    """An open_clip model with its preprocessing (eval transform) and tokenizer. activation: what its MLPs compute
+    ("quick_gelu": OpenAI's x * sigmoid(1.702 x), "gelu": exact GELU; `activation_of`); activation_source says what
+    decided it (the tag's pretrained config, the checkpoint file, the model name, or a given instance)."""
 
     model: nn.Module
     preprocess: object
     tokenizer: object
     name: str = "custom"
     pretrained: str | None = None
+    activation: str = ""
+    activation_source: str = "the model instance"
+
+    def __post_init__(self):
+        self.activation = self.activation or activation_of(self.model)
+
+
+def activation_of(model: nn.Module) -> str:
+    """The activation the CLIP's transformer MLPs compute: "quick_gelu", "gelu", or the class names found
+    (joined with "+" when the towers differ)."""
+    from open_clip.transformer import QuickGELU
+
+    found = set()
+    for name, mod in model.named_modules():
+        if name.endswith("mlp.gelu") or name.endswith("mlp.act"):
+            found.add("quick_gelu" if isinstance(mod, QuickGELU) else
+                      "gelu" if isinstance(mod, nn.GELU) and mod.approximate == "none" else type(mod).__name__)
+    return "+".join(sorted(found)) or "unknown"
+
+
+def default_tokenizer(context_length: int = 77):
+    """CLIP's BPE tokenizer, built once per context length (its tables are ~20 MiB; the class-suffix cache of
+    `text.class_suffixes` is keyed on the tokenizer instance, so one instance is what makes it hit)."""
+    return _default_tokenizer(int(context_length))
+
+
+@functools.lru_cache(maxsize=None)
+def _default_tokenizer(context_length: int):
+    import open_clip
+
+    return open_clip.SimpleTokenizer(context_length=context_length)
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_for_name(name: str):
+    """open_clip's tokenizer for model `name`, built once per name."""
+    import open_clip
+
+    if name == TINY_CLIP:
+        register_tiny_clip()
+    return open_clip.get_tokenizer(name)
 
 
 def _tokenizer_for(model: nn.Module, name: str | None):
-    import open_clip
-
     if name is not None:
-        return open_clip.get_tokenizer(name)
+        return tokenizer_for_name(name)
     if getattr(model, "vocab_size", 49408) != 49408:
         raise ValueError("a CLIP model instance with a non-CLIP vocabulary needs its tokenizer: pass tokenizer=")
-    return open_clip.SimpleTokenizer(context_length=model.context_length)
+    return default_tokenizer(getattr(model, "context_length", 77))
+
+
+NO_WEIGHTS = ("none", "null", "")                    # pretrained strings that mean "no weights" (random)
 
 
 def load_clip(clip_or_name="ViT-B-16", pretrained: str | None = None, *, device=None, tokenizer=None,
@@ -77,24 +132,19 @@ def load_clip(clip_or_name="ViT-B-16", pretrained: str | None = None, *, device=
             preprocess = open_clip.image_transform(size, is_train=False)
         clip = Clip(model, preprocess, tokenizer or _tokenizer_for(model, None))
     elif isinstance(clip_or_name, str):
+        if isinstance(pretrained, str) and pretrained.strip().lower() in NO_WEIGHTS:
+            pretrained = None                             # "none" / "None" / "null": random weights, as None
         if clip_or_name == TINY_CLIP:
             register_tiny_clip()
         if clip_or_name not in open_clip.list_models():
             raise ValueError(f"unknown open_clip model {clip_or_name!r}; see open_clip.list_models()")
-        if pretrained:
-            _fail_fast_if_unavailable(clip_or_name, pretrained)
-        try:
-            model, _, pre = open_clip.create_model_and_transforms(clip_or_name, pretrained=pretrained)
-        except Exception as exc:  # network errors, missing cache files, bad paths
-            where = (f"the local file {pretrained!r}" if pretrained and os.path.sep in pretrained
-                     else f"open_clip's pretrained tag {pretrained!r}")
-            raise WeightsUnavailable(
-                f"could not load weights for {clip_or_name} from {where}: {type(exc).__name__}: {exc}\n"
-                f"Provide them by downloading once with network access (open_clip caches them under "
-                f"~/.cache/huggingface), or pass pretrained='/path/to/checkpoint.pt' (an open_clip or OpenAI "
-                f"checkpoint), or an open_clip model instance. pretrained=None gives random weights.") from exc
-        clip = Clip(model, preprocess or pre, tokenizer or _tokenizer_for(model, clip_or_name),
-                    clip_or_name, pretrained)
+        model, pre, quick, why = _load_named(clip_or_name, pretrained)
+        clip = Clip(model, preprocess or pre, tokenizer or _tokenizer_for(model, clip_or_name), clip_or_name,
+                    pretrained, activation_source=why)
+        want = "quick_gelu" if quick else "gelu"
+        if clip.activation != want:                       # open_clip ignored what we asked for: never go on silently
+            raise RuntimeError(f"{clip_or_name} with pretrained={pretrained!r} was built with {clip.activation}, but "
+                               f"{why} says {want}")
     else:
         raise TypeError(f"expected an open_clip model, a Clip or a model name, got {type(clip_or_name).__name__}")
     check_supported(clip.model)
@@ -102,6 +152,73 @@ def load_clip(clip_or_name="ViT-B-16", pretrained: str | None = None, *, device=
     if device is not None:
         clip.model.to(device)
     return clip
+
+
+def activation_plan(name: str, pretrained: str | None) -> tuple[bool, str] | None:
+    """(quick_gelu, what decides it) for open_clip model `name` with random weights (None) or a pretrained tag,
+    without loading any weights; None for a local file (its format decides: `clip_files.read_clip_file`)."""
+    import open_clip
+
+    if name == TINY_CLIP:
+        register_tiny_clip()
+    base_quick = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+    if not pretrained:
+        return base_quick, f"the model name {name!r} (random weights)"
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        return None
+    # The tag's pretrained config says what its weights were trained with (OpenAI's: QuickGELU); a tag silent on
+    # it keeps the model config's value. open_clip itself only warns on a mismatch and builds nn.GELU.
+    quick = bool(tag_cfg.get("quick_gelu", base_quick))
+    return quick, f"open_clip's pretrained config of tag {pretrained!r} (quick_gelu={quick})"
+
+
+def _load_named(name: str, pretrained: str | None):
+    """(model, preprocess, quick_gelu, what decided the activation) for an open_clip name and tag / file / None."""
+    import open_clip
+
+    plan = activation_plan(name, pretrained)
+    if plan is None:                                   # a local checkpoint file
+        from .clip_files import read_clip_file
+
+        if not os.path.isfile(pretrained):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+            raise WeightsUnavailable(f"pretrained={pretrained!r} is neither a pretrained tag of {name} (open_clip "
+                                     f"knows: {tags}) nor a file")
+
+        base_quick = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+        state, quick, why = read_clip_file(name, pretrained, base_quick)
+        model, _, pre = open_clip.create_model_and_transforms(name, pretrained=None, force_quick_gelu=quick)
+        _load_state(model, state, pretrained)
+        return model, pre, quick, why
+    quick, why = plan
+    if pretrained:
+        _fail_fast_if_unavailable(name, pretrained)
+    try:
+        model, _, pre = open_clip.create_model_and_transforms(name, pretrained=pretrained, force_quick_gelu=quick)
+    except Exception as exc:  # network errors, missing cache files
+        raise WeightsUnavailable(
+            f"could not load weights for {name} from open_clip's pretrained tag {pretrained!r}: "
+            f"{type(exc).__name__}: {exc}\n"
+            f"Provide them by downloading once with network access (open_clip caches them under "
+            f"~/.cache/huggingface), or pass pretrained='/path/to/checkpoint.pt' (an open_clip or OpenAI "
+            f"checkpoint), or an open_clip model instance. pretrained=None gives random weights.") from exc
+    return model, pre, quick, why
+
+
+def _load_state(model: nn.Module, state: dict, path: str) -> None:
+    """Load a CLIP state dict (OpenAI's or open_clip's key layout) into `model`, strictly, naming what differs."""
+    from open_clip.factory import convert_state_dict
+
+    state = convert_state_dict(model, state)
+    for k in {n for n, _ in model.named_buffers()} - set(model.state_dict()):
+        state.pop(k, None)                       # non-persistent buffers (attn_mask) that a traced archive keeps
+    if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"the checkpoint {path} does not fit this model: {exc}") from exc
 
 
 def hub_reachable(url: str, timeout: float = PROBE_TIMEOUT) -> bool:
@@ -197,6 +314,32 @@ def _fail_fast_if_unavailable(name: str, tag: str) -> None:
         f"no weights for {name} with open_clip's pretrained tag {tag!r}: they come from {what}, are not in the "
         f"local cache ({cache}) and {reason}.\nFix: {fix}; or pass pretrained='/path/to/checkpoint.pt' (an open_clip "
         f"or OpenAI checkpoint), or an open_clip model instance. pretrained=None gives random weights.")
+
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+FINGERPRINT_SAMPLE = 4096     # elements per tensor that the fingerprint reads (evenly spaced; all of a small one)
+
+
+def fingerprint(model) -> str:
+    """sha256 (hex) of a frozen CLIP's weights: for every state-dict entry (sorted by name) its name, shape and up
+    to FINGERPRINT_SAMPLE evenly spaced elements as float32 (so the same weights on any device agree). Computed
+    once per model instance and cached (the CLIP is frozen: load new weights into a new instance)."""
+    model = model.model if isinstance(model, Clip) else model
+    cached = _FINGERPRINTS.get(model)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            flat = t.detach().reshape(-1)
+            n = flat.numel()
+            if n > FINGERPRINT_SAMPLE:
+                idx = torch.arange(FINGERPRINT_SAMPLE, dtype=torch.int64) * (n - 1) // (FINGERPRINT_SAMPLE - 1)
+                flat = flat[idx.to(flat.device)]
+            h.update(f"{name}:{tuple(t.shape)};".encode())
+            h.update(flat.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    digest = _FINGERPRINTS[model] = h.hexdigest()
+    return digest
 
 
 def check_supported(model: nn.Module) -> None:

@@ -1,4 +1,9 @@
-"""Configuration dataclasses (a comment on every field) and their YAML files.
+"""Configuration dataclasses (a comment on every field), their YAML files, and overrides checked before any work.
+
+`load_config(path, overrides)` / `apply_overrides(cfg, overrides)`: unknown keys get the nearest known one ("did
+you mean train.epochs?"), values are converted to the field's type ("1e-3" -> 0.001; none / None / null -> None
+for optional fields) and checked (CHOICES, RANGES, model.n_ctx against model.ctx_init); errors name the source:
+the YAML file for its entries, the override as typed for overrides (`parse_overrides(items, flag="--set")`).
 
 Where METHOD.md says "default", the value is this project's choice (the paper's hyper-parameters are not
 public); every such choice is a field here and is listed in the README.
@@ -6,15 +11,21 @@ public); every such choice is a field here and is listed in the README.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import yaml
 
-__all__ = ["ModelConfig", "TrainConfig", "DataConfig", "RunConfig", "load_config", "save_config",
-           "atomic_write_bytes"]
+from ._io import atomic_write_bytes
+
+__all__ = ["ModelConfig", "TrainConfig", "DataConfig", "RunConfig", "load_config", "save_config", "CONFIG_DIR",
+           "resolve_config", "parse_overrides", "apply_overrides", "Overrides", "convert_value", "check_value"]
+
+CONFIG_DIR = Path(__file__).with_name("configs")   # the shipped configs
 
 
 @dataclass
@@ -30,7 +41,13 @@ class ModelConfig:
     attr_hidden: int = 512                 # hidden width of the attribute extractor E -> hidden -> D (ours)
     suffix: str = "{}."                    # text after the prefix; '{}' is the class name, EOT follows
     seed: int = 0                          # seed of any randomly initialised parameter
+    precision: str = "fp32"                # fp32 | bf16 | fp16: the frozen CLIP's stored and compute dtype
 
+
+    @property
+    def prefix_len(self) -> int:
+        """Tokens before the class name: SOS, the M context vectors and the K attribute tokens (none when off)."""
+        return 1 + self.n_ctx + (0 if self.attributes == "off" else self.attr_tokens)
 
 @dataclass
 class DataConfig:
@@ -72,64 +89,231 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _build(cls, values: dict | None, where: str):
-    values = dict(values or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown field(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return cls(**values)
-
-
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
+# Allowed values, checked (with the source of the value named) before any model is built.
+CHOICES = {
+    "model.conditioning": ("attention", "additive", "none"), "model.attributes": ("predicted", "oracle", "shuffled",
+                                                                                  "off"),
+    "data.subsample": ("all", "base", "novel"), "train.attr_loss": ("cosine", "mse"),
+    "train.regulariser": ("off", "class", "attribute"), "train.precision": ("auto", "fp32", "bf16"),
+    "model.precision": ("fp32", "bf16", "fp16")}
+RANGES = {  # key: (lowest, highest, lowest is allowed)
+    "model.n_ctx": (1, None, True), "model.heads": (1, None, True), "model.attr_tokens": (1, None, True),
+    "model.attr_hidden": (1, None, True), "data.shots": (0, None, True), "data.workers": (0, None, True),
+    "train.epochs": (1, None, True), "train.batch_size": (1, None, True), "train.lr": (0, None, False),
+    "train.momentum": (0, 1, True), "train.weight_decay": (0, None, True), "train.warmup_epochs": (0, None, True),
+    "train.warmup_lr": (0, None, True), "train.lambda_attr": (0, None, True), "train.lambda_reg": (0, None, True),
+    "train.label_noise": (0, 1, True), "train.log_every": (1, None, True)}
+NONE_WORDS = ("none", "null", "~", "")     # what "no value" may be typed as, for optional (str | None) fields
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> RunConfig:
-    """A RunConfig from a YAML file (sections model, data, train), with dotted overrides {'train.lr': 0.01}."""
-    raw = {}
+
+class Overrides(dict):
+    """{dotted key: value} from `parse_overrides`, remembering each override as typed so that errors quote it:
+    `flag` (e.g. "--set") is how the user gave them; without it errors say "override 'train.lr=-1'"."""
+
+    def __init__(self, values=(), typed: Mapping | None = None, flag: str | None = None):
+        super().__init__(values)
+        self.typed, self.flag = dict(typed or {}), flag
+
+    def label(self, key: str) -> str:
+        typed = self.typed.get(key)
+        if typed is None:
+            return f"override {key!r}"
+        if typed.startswith("--"):                      # given by its own flag ("--out DIR")
+            return typed
+        return f"{self.flag} {typed}" if self.flag else f"override {typed!r}"
+
+
+def _known_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)]
+
+
+def _unknown_key(key: str, where: str) -> ValueError:
+    """'<where>: unknown field train.epoch; did you mean train.epochs?' (or the known fields of its section)."""
+    section = key.partition(".")[0]
+    if section not in SECTIONS:
+        near = difflib.get_close_matches(section, list(SECTIONS), n=1)
+        hint = f"did you mean {near[0]}?" if near else f"the sections are {', '.join(SECTIONS)}"
+        return ValueError(f"{where}: unknown section {section!r} in {key}; {hint}")
+    name = key.partition(".")[2]
+    fields = {s: [f.name for f in dataclasses.fields(c)] for s, c in SECTIONS.items()}
+    near = [f"{section}.{n}" for n in difflib.get_close_matches(name, fields[section], n=1, cutoff=0.7)]
+    near = near or [f"{s}.{n}" for s in SECTIONS if s != section
+                    for n in difflib.get_close_matches(name, fields[s], n=1, cutoff=0.85)]
+    if near:
+        return ValueError(f"{where}: unknown field {key}; did you mean {near[0]}?")
+    names = ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
+    return ValueError(f"{where}: unknown field {key}; the fields of {section} are {names}")
+
+
+def _field_type(key: str) -> str:
+    section, _, name = key.partition(".")
+    return {f.name: str(f.type) for f in dataclasses.fields(SECTIONS[section])}[name]
+
+
+def convert_value(key: str, value, where: str):
+    """`value` as the type of field `key` ("train.lr"): "1e-3" -> 0.001, "none" / "None" / "null" -> None for
+    optional fields, "5" -> 5; ValueError '<where>: train.epochs expects an integer, got 'abc''."""
+    kind = _field_type(key)
+    text = value.strip() if isinstance(value, str) else value
+    if kind == "str | None":
+        if text is None or (isinstance(text, str) and text.lower() in NONE_WORDS):
+            return None
+        return str(value)
+    if kind == "str":
+        if value is None and key == "model.ctx_init":
+            return ""                                   # "model.ctx_init=" : random initialisation
+        if value is None or isinstance(value, (dict, list)):
+            raise ValueError(f"{where}: {key} expects text, got {value!r}")
+        return str(value)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
+                 "0": False}
+        if str(text).lower() in words:
+            return words[str(text).lower()]
+        raise ValueError(f"{where}: {key} expects true or false, got {value!r}")
+    number = {"int": "an integer", "float": "a number"}[kind]
+    if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
+        raise ValueError(f"{where}: {key} expects {number}, got {value!r}")
+    try:
+        out = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {key} expects {number}, got {value!r}") from None
+    if kind == "float":
+        return out
+    if not out.is_integer():
+        raise ValueError(f"{where}: {key} expects {number}, got {value!r}")
+    return int(out)
+
+
+def check_value(key: str, value, where: str) -> None:
+    """ValueError '<where>: train.lr must be > 0, got -1' for a value outside CHOICES / RANGES."""
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ValueError(f"{where}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key in RANGES:
+        low, high, inclusive = RANGES[key]
+        if value < low or (value == low and not inclusive) or (high is not None and value > high):
+            rule = (f"in [{low}, {high}]" if high is not None else f">= {low}" if inclusive else f"> {low}")
+            raise ValueError(f"{where}: {key} must be {rule}, got {value!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _ctx_tokens(text: str) -> int:
+    """Tokens of model.ctx_init in CLIP's BPE (the word count when each word is one token, the common case)."""
+    try:
+        from open_clip.tokenizer import SimpleTokenizer
+    except ImportError:                                 # pragma: no cover - open_clip is a dependency
+        return len(text.split())
+    return len(SimpleTokenizer().encode(text))
+
+
+def _check_together(cfg: "RunConfig", where) -> None:
+    """Fields that must agree: model.n_ctx and the token count of model.ctx_init (errors name both)."""
+    mc = cfg.model
+    if mc.ctx_init and len(mc.ctx_init.split()) != mc.n_ctx:
+        n = _ctx_tokens(mc.ctx_init)
+        if n != mc.n_ctx:
+            src = where("model.n_ctx") if where("model.n_ctx") != where("model.ctx_init") else where("model.ctx_init")
+            raise ValueError(f"{src}: model.n_ctx = {mc.n_ctx} but model.ctx_init {mc.ctx_init!r} has {n} tokens; "
+                             f"change model.ctx_init to {mc.n_ctx} word(s) (or '' for a random start), or set "
+                             f"model.n_ctx={n}")
+
+
+def apply_overrides(cfg: "RunConfig", overrides: Mapping | None, base: str = "config",
+                    base_keys: frozenset = frozenset()) -> "RunConfig":
+    """A copy of `cfg` with {"section.field": value} applied: each key checked (with a "did you mean"), each value
+    converted to the field's type and range-checked; errors name the override as given (`Overrides.label`).
+    Values not overridden that came from a file (`base_keys`, from `base`) are checked in its name."""
+    ov = overrides if isinstance(overrides, Overrides) else Overrides(overrides or {})
+    known = set(_known_keys())
+    flat = {f"{s}.{k}": v for s in SECTIONS for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
+    for key, value in ov.items():
+        if key not in known:
+            raise _unknown_key(key, ov.label(key) if "." in key else f"{ov.label(key)} (expected section.field)")
+        flat[key] = convert_value(key, value, ov.label(key))
+
+    def where(key):
+        return ov.label(key) if key in ov else base if key in base_keys else "config"
+
+    for key, value in flat.items():
+        check_value(key, value, where(key))
+    sections = {s: {} for s in SECTIONS}
+    for key, value in flat.items():
+        s, _, name = key.partition(".")
+        sections[s][name] = value
+    out = RunConfig(**{s: SECTIONS[s](**v) for s, v in sections.items()})
+    _check_together(out, where)
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Mapping | None = None) -> RunConfig:
+    """A RunConfig from a YAML file (sections model, data, train), with dotted overrides {'train.lr': 0.01}
+    (or `parse_overrides([...])`). ValueError naming the file for a bad entry in it, the override for a bad one."""
+    raw, where = {}, str(path or "config")
     if path is not None:
         with open(path) as fh:
             raw = yaml.safe_load(fh) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping with sections model, data, train")
-    for key, value in (overrides or {}).items():
-        section, _, name = key.partition(".")
-        raw.setdefault(section, {})[name] = value
-    where = str(path or "config")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown section(s) in {where}: {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
-    return RunConfig(**{s: _build(c, raw.get(s), f"{where}:{s}") for s, c in SECTIONS.items()})
+    values = {}
+    for section, fields in raw.items():
+        if section not in SECTIONS or not isinstance(fields, (dict, type(None))):
+            raise _unknown_key(f"{section}.", where) if section not in SECTIONS else ValueError(
+                f"{where}: section {section} must be a mapping of fields")
+        for name, value in (fields or {}).items():
+            key = f"{section}.{name}"
+            if key not in _known_keys():
+                raise _unknown_key(key, where)
+            values[key] = convert_value(key, value, where)
+    sections = {s: dataclasses.asdict(getattr(RunConfig(), s)) for s in SECTIONS}
+    for key, value in values.items():
+        s, _, name = key.partition(".")
+        sections[s][name] = value
+    cfg = RunConfig(**{s: SECTIONS[s](**v) for s, v in sections.items()})
+    return apply_overrides(cfg, overrides, base=where, base_keys=frozenset(values))
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file so that a crash leaves the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)            # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:                                     # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+def parse_overrides(overrides, flag: str | None = None) -> dict:
+    """["train.lr=0.01", "model.conditioning=none"] (values parsed as YAML) or a dict -> {dotted key: value}, an
+    `Overrides` that remembers each as typed; `flag` ("--set") is how a command line gave them, for its errors."""
+    if overrides is None:
+        return Overrides(flag=flag)
+    if isinstance(overrides, Overrides):
+        return overrides
+    if isinstance(overrides, Mapping):
+        return Overrides(overrides, flag=flag)
+    out, typed = {}, {}
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        key = key.strip()
+        if not sep or "." not in key or not key.partition(".")[2]:
+            label = f"{flag} {item}" if flag else f"override {item!r}"
+            raise ValueError(f"{label}: expected SECTION.FIELD=VALUE (e.g. train.lr=0.01)")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key] = value
+        if isinstance(out[key], (dict, list)) or out[key] is None and value.strip().lower() not in NONE_WORDS:
+            out[key] = value                            # "a: b" or "[x" read as text, converted per field later
+        typed[key] = str(item)
+    return Overrides(out, typed, flag)
+
+
+def resolve_config(name: str | os.PathLike | None) -> Path | None:
+    """A config file path, or the name of one shipped in intcoop/configs ("intcoop", "coop", "demo_cpu")."""
+    if name is None:
+        return None
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"config {str(name)!r} is neither a file nor a shipped config ({known})")
 
 
 def save_config(cfg, path: str | os.PathLike) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_image", "open_all", "to_batch", "ImageInputError"]
+__all__ = ["load_image", "open_all", "to_batch", "check_finite", "ImageInputError"]
 
 # Modes that are images of light (converted to RGB); others (I;16, F, I: measurements) are refused.
 _COLOUR_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1", "LAB", "HSV", "RGBX", "RGBa", "La"}
@@ -25,6 +25,8 @@ def load_image(path: str | os.PathLike):
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
+    if p.is_dir():
+        raise ImageInputError(f"{p} is a directory, not an image file (give the image files, e.g. {p}/*.jpg)")
     if not p.is_file():
         raise ImageInputError(f"image file not found: {p}")
     try:
@@ -55,10 +57,15 @@ def _check_tensor(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if not x.is_floating_point():
         raise ImageInputError(f"image tensor has dtype {x.dtype}; expected floating point, normalised as the "
                               f"model's preprocess does (pass PIL images or paths to have it applied)")
+    check_finite(x)
+    return x
+
+
+def check_finite(x: torch.Tensor, what: str = "image tensor") -> None:
+    """ImageInputError naming the images [B, ...] of `x` that hold NaN or inf values."""
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
-        raise ImageInputError(f"image tensor has NaN or inf values in image(s) {bad[:10]}")
-    return x
+        raise ImageInputError(f"{what} has NaN or inf values in image(s) {bad[:10]}")
 
 
 def open_all(images):

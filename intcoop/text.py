@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops.prefix_attention import prefix_attention
+from .ops.prefix_attention import HostSegments, prefix_attention
 
 __all__ = ["ClassSuffixes", "class_suffixes", "encode_prompts", "TextTower"]
 
@@ -25,7 +25,8 @@ __all__ = ["ClassSuffixes", "class_suffixes", "encode_prompts", "TextTower"]
 @dataclass(frozen=True)
 class ClassSuffixes:
     """The token suffixes of a class list, packed. ids [T] (EOT closes each segment), pos [T] position of each
-    token within its segment, cu [N+1] int32 offsets, eot [N] rows of the EOT tokens, max_len the longest."""
+    token within its segment, cu [N+1] int32 offsets, eot [N] rows of the EOT tokens, max_len the longest;
+    host: what the host knows of cu (prefix_attention checks the offsets with it, no device read)."""
 
     ids: torch.Tensor
     pos: torch.Tensor
@@ -33,17 +34,32 @@ class ClassSuffixes:
     eot: torch.Tensor
     max_len: int
     lengths: tuple[int, ...]
+    host: HostSegments
 
     def to(self, device) -> "ClassSuffixes":
         return ClassSuffixes(self.ids.to(device), self.pos.to(device), self.cu.to(device), self.eot.to(device),
-                             self.max_len, self.lengths)
+                             self.max_len, self.lengths, self.host)
 
     def chunk(self, start: int, stop: int) -> "ClassSuffixes":
         """The classes start:stop, re-based to offset 0."""
         a = sum(self.lengths[:start])                  # from the host copy: no device sync, no graph break
         b = a + sum(self.lengths[start:stop])
         return ClassSuffixes(self.ids[a:b], self.pos[a:b], self.cu[start:stop + 1] - a, self.eot[start:stop] - a,
-                             max(self.lengths[start:stop]), self.lengths[start:stop])
+                             max(self.lengths[start:stop]), self.lengths[start:stop],
+                             HostSegments.of(self.lengths[start:stop]))
+
+    def chunks(self, B: int, max_rows: int) -> list["ClassSuffixes"]:
+        """The class chunks of about max_rows packed rows (B images x suffix tokens) each, planned on the host
+        (at least one class per chunk); the whole list itself when it fits."""
+        N, start, out = len(self.lengths), 0, []
+        while start < N:
+            stop, rows = start, 0
+            while stop < N and (stop == start or rows + B * self.lengths[stop] <= max_rows):
+                rows += B * self.lengths[stop]
+                stop += 1
+            out.append(self if (start, stop) == (0, N) else self.chunk(start, stop))
+            start = stop
+        return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -78,7 +94,7 @@ def class_suffixes(tokenizer, classnames, suffix: str = "{}.", prefix_len: int =
     cu[1:] = torch.tensor(lengths).cumsum(0)
     ids = torch.tensor([i for t in toks for i in t], dtype=torch.long)
     pos = torch.cat([torch.arange(n) for n in lengths])
-    return ClassSuffixes(ids, pos, cu, cu[1:].long() - 1, max(lengths), lengths)
+    return ClassSuffixes(ids, pos, cu, cu[1:].long() - 1, max(lengths), lengths, HostSegments.of(lengths))
 
 
 class TextTower:
@@ -132,7 +148,8 @@ class TextTower:
             if i < last:
                 q, k, v = self._qkv(blk, h).expand(B, -1, -1, -1, -1).unbind(-3) if i == 0 else \
                     self._qkv(blk, h).unbind(-3)
-                a = prefix_attention(q, k, v, pk, pv, suf.cu, suf.cu, suf.max_len, suf.max_len, scale)
+                a = prefix_attention(q, k, v, pk, pv, suf.cu, suf.cu, suf.max_len, suf.max_len, scale,
+                                     host_q=suf.host, host_k=suf.host)
                 x = self._finish(blk, x, a)                         # layer 0: [T, D] + [B, T, D] -> [B, T, D]
             else:                                                    # last layer: queries and MLP at EOT only
                 k, v = self._qkv(blk, h, slice(1, 3)).unbind(-3)
@@ -143,7 +160,8 @@ class TextTower:
                 if i == 0:
                     q, x_eot = q.expand(B, -1, -1, -1), x_eot.expand(B, -1, -1)
                 ones = torch.arange(len(suf.lengths) + 1, dtype=torch.int32, device=suf.cu.device)
-                a = prefix_attention(q, k, v, pk, pv, ones, suf.cu, 1, suf.max_len, scale)
+                a = prefix_attention(q, k, v, pk, pv, ones, suf.cu, 1, suf.max_len, scale,
+                                     host_q=HostSegments.uniform(len(suf.lengths)), host_k=suf.host)
                 x = self._finish(blk, x_eot, a)                      # [B, N, D]
         x = model.ln_final(x)
         proj = model.text_projection
@@ -152,16 +170,8 @@ class TextTower:
     def encode(self, prefix: torch.Tensor, suf: ClassSuffixes, max_rows: int = 1 << 16) -> torch.Tensor:
         """Text features [B, N, E]; classes are processed in chunks of about max_rows packed rows (B x tokens)."""
         kv = self.prefix_pass(prefix)
-        P, B, N = prefix.shape[1], prefix.shape[0], len(suf.lengths)
-        outs, start = [], 0
-        while start < N:
-            stop, rows = start, 0
-            while stop < N and (stop == start or rows + B * suf.lengths[stop] <= max_rows):
-                rows += B * suf.lengths[stop]
-                stop += 1
-            part = suf if (start, stop) == (0, N) else suf.chunk(start, stop)
-            outs.append(self.suffix_pass(kv, part, P, prefix.dtype))
-            start = stop
+        P, B = prefix.shape[1], prefix.shape[0]
+        outs = [self.suffix_pass(kv, part, P, prefix.dtype) for part in suf.chunks(B, max_rows)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
@@ -179,11 +189,12 @@ def encode_prompts(clip, prefix: torch.Tensor, classnames, *, suffix: str = "{}.
                    max_rows: int = 1 << 16) -> torch.Tensor:
     """CLIP text features of every (image, class) prompt: [B, N, E]. Differentiable in `prefix`.
 
-    clip: an open_clip CLIP model (or `intcoop.backbone.Clip`); prefix: [B, P, D] input embeddings starting
+    clip: an open_clip CLIP model (or `intcoop.clip.Clip`); prefix: [B, P, D] input embeddings starting
     with SOS (no positional embedding added); classnames: N names (duplicates allowed); suffix: the text after
-    the prefix, '{}' replaced by the name (EOT follows). tokenizer: open_clip's for the model (default CLIP BPE).
+    the prefix, '{}' replaced by the name (EOT follows). tokenizer: open_clip's for the model (default: CLIP's BPE,
+    one cached instance, `clip.default_tokenizer`, so repeated calls re-use its class-suffix cache).
     """
-    from .backbone import Clip, _tokenizer_for
+    from .clip import Clip, _tokenizer_for
 
     if isinstance(clip, Clip):
         tokenizer, clip = tokenizer or clip.tokenizer, clip.model

@@ -1,4 +1,7 @@
-"""What the Triton kernels share: the fp32-accumulating dot, the interpreter's bf16 workaround, launcher helpers."""
+"""What the Triton kernels share: the fp32-accumulating dot, the interpreter's bf16 workaround, launcher helpers.
+
+Importing this patches nothing: the fix that old triton interpreters need under numpy >= 2.4 is applied by test
+and bench setup (`intcoop.testing.patch_triton_interpreter`), never by the product."""
 from __future__ import annotations
 
 import functools
@@ -23,30 +26,6 @@ def mm(a, b, acc, F32: tl.constexpr):
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _fix_old_interpreter() -> None:
-    """triton < 3.8's interpreter turns a scalar (a shape-(1,) array) into an index with int(array), an error
-    since numpy 2.4 (e.g. `range(n_lo, n_hi, BLOCK_N)` in the kernels); triton 3.8 squeezes first. Do the same
-    there. Only the CPU interpreter is touched; compiled kernels are not."""
-    if not interpreting() or tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8):
-        return
-    try:
-        from triton.runtime import interpreter
-        patch = interpreter._patch_lang_tensor
-    except (ImportError, AttributeError):
-        return
-    if getattr(patch, "_intcoop_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-    patched._intcoop_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-_fix_old_interpreter()
 
 
 def f32_dots(dtype: torch.dtype) -> bool:

@@ -28,13 +28,14 @@ from ._common import LOG2E, f32_dots, last_contiguous, mm, on_input_device
 __all__ = ["TritonPrefixAttention", "fwd", "bwd"]
 
 @triton.jit
-def _row_ranges(SEG_Q, CU_Q, CU_K, rows, row_ok):
-    """Suffix keys visible to each packed query row: lo <= j <= hi (absolute packed key indices)."""
+def _row_ranges(SEG_Q, CU_Q, CU_K, rows, row_ok, Tk):
+    """Suffix keys visible to each packed query row: lo <= j <= hi (absolute packed key indices), clamped to
+    0 <= j < Tk so that even malformed offsets (the op wrapper rejects them) never index outside k / v."""
     seg = tl.load(SEG_Q + rows, mask=row_ok, other=0)
     cq1 = tl.load(CU_Q + seg + 1, mask=row_ok, other=0)
     ck0 = tl.load(CU_K + seg, mask=row_ok, other=0)
     ck1 = tl.load(CU_K + seg + 1, mask=row_ok, other=0)
-    return ck0, rows + ck1 - cq1
+    return tl.maximum(ck0, 0), tl.minimum(rows + ck1 - cq1, Tk - 1)
 
 
 @triton.jit
@@ -60,7 +61,7 @@ def _fwd_kernel(
     d_ok = d < Dh
     pr = tl.arange(0, BLOCK_P)
     p_ok = pr < P
-    lo, hi = _row_ranges(SEG_Q, CU_Q, CU_K, rows, row_ok)
+    lo, hi = _row_ranges(SEG_Q, CU_Q, CU_K, rows, row_ok, Tk)
 
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
                 other=0.0)
@@ -136,7 +137,7 @@ def _bwd_dq_kernel(
     for t in range(chunk * tiles_per_chunk, t_end):
         rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Tq
-        lo, hi = _row_ranges(SEG_Q, CU_Q, CU_K, rows, row_ok)
+        lo, hi = _row_ranges(SEG_Q, CU_Q, CU_K, rows, row_ok, Tk)
         qmask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :], mask=qmask, other=0.0)
         do = tl.load(DOUT + b * sdb + h * sdh + rows[:, None] * sdt + d[None, :], mask=qmask, other=0.0)
@@ -198,8 +199,8 @@ def _bwd_dkdv_kernel(
     cq0 = tl.load(CU_Q + seg, mask=col_ok, other=0)
     cq1 = tl.load(CU_Q + seg + 1, mask=col_ok, other=0)
     ck1 = tl.load(CU_K + seg + 1, mask=col_ok, other=0)
-    q_lo = tl.maximum(cq0, cols - ck1 + cq1)        # rows q_lo <= i < q_hi see key j
-    q_hi = tl.where(col_ok, cq1, 0)
+    q_lo = tl.maximum(tl.maximum(cq0, cols - ck1 + cq1), 0)   # rows q_lo <= i < q_hi see key j,
+    q_hi = tl.where(col_ok, tl.minimum(cq1, Tq), 0)           # clamped to 0 <= i < Tq (see _row_ranges)
 
     kmask = col_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b * skb + h * skh + cols[:, None] * skt + d[None, :], mask=kmask, other=0.0)
@@ -233,9 +234,10 @@ def _bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------- launchers
 
 def _segments(cu: torch.Tensor, n: int) -> torch.Tensor:
-    """[n] int32: the segment of each packed row (empty segments are skipped); no host sync."""
+    """[n] int32: the segment of each packed row (empty segments are skipped); no host sync. Clamped to
+    0..S-1, so that the kernels' reads of cu[seg], cu[seg + 1] stay inside cu even for malformed offsets."""
     rows = torch.arange(n, device=cu.device, dtype=torch.int32)
-    return torch.searchsorted(cu, rows, right=True, out_int32=True) - 1
+    return (torch.searchsorted(cu, rows, right=True, out_int32=True) - 1).clamp_(0, cu.shape[0] - 2)
 
 
 def _check(q, k, v, pk, pv, cu_q, cu_k):
@@ -254,6 +256,9 @@ def _check(q, k, v, pk, pv, cu_q, cu_k):
                         f"{[str(t.dtype) for t in (q, k, v, pk, pv)]}")
     if cu_q.shape != cu_k.shape or cu_q.dim() != 1:
         raise ValueError(f"cu_q {tuple(cu_q.shape)} and cu_k {tuple(cu_k.shape)} must both be [S + 1]")
+    if cu_q.shape[0] < 2 and (q.shape[1] or k.shape[1]):
+        raise ValueError(f"cu_q and cu_k [S + 1] have no segment (shape {tuple(cu_q.shape)}) for "
+                         f"{q.shape[1]} query and {k.shape[1]} key rows")
 
 
 def blocks(P: int, Dh: int, max_q: int, block_m=None, block_n=None) -> dict:

@@ -12,6 +12,10 @@ if not torch.cuda.is_available():   # Triton kernels run through the interpreter
 
 import pytest  # noqa: E402
 
+from intcoop.testing import patch_triton_interpreter  # noqa: E402
+
+patch_triton_interpreter()   # old triton interpreters under numpy >= 2.4 (a no-op on triton >= 3.8)
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 # fp32 on a GPU means fp32: no TF32 in cuDNN convolutions (the patch embedding) or matmuls, whose kernel choice
 # differs with the batch size and would move fp32 results by ~1e-4 between two batch sizes of the same images.
@@ -50,7 +54,7 @@ def _randomise(model, seed):
 
 @pytest.fixture(scope="session")
 def clip_tiny():
-    from intcoop.backbone import load_clip
+    from intcoop.clip import load_clip
 
     return load_clip(tiny_clip())
 
@@ -60,7 +64,7 @@ def clip_b16():
     """ViT-B-16 shapes, random weights."""
     import open_clip
 
-    from intcoop.backbone import load_clip
+    from intcoop.clip import load_clip
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16", pretrained=None)

@@ -14,11 +14,11 @@ import torch
 import intcoop
 from intcoop.config import DataConfig, RunConfig, TrainConfig
 from intcoop.data import load_dataset
-from intcoop.data.demo import build_demo_dataset
+from intcoop.demo.data import build_demo_dataset
 from intcoop.ops import dispatch
 from intcoop.reference import reference_logits
 from intcoop.testing import assert_close, perturb_prompt
-from intcoop.train import Trainer
+from intcoop.train.trainer import Trainer
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

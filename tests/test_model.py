@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import intcoop
-from intcoop.backbone import WeightsUnavailable, image_size
+from intcoop.clip import WeightsUnavailable, image_size
 from intcoop.images import to_batch
 from intcoop.reference import reference_logits, zero_shot_logits
 from intcoop.testing import assert_close, perturb_prompt

@@ -90,11 +90,30 @@ def test_custom_suffix(clip_tiny):
     assert_close(fast, ref, torch.float32)
 
 
-def test_tokenisation_is_cached_and_matches_open_clip(clip_b16):
+def test_tokenisation_is_cached(clip_tiny, monkeypatch):
+    """A second call with the same class list (list or tuple) and suffix does no tokenisation; another list or
+    another suffix does. The names are used by no other test, so the first call cannot hit the cache."""
+    tok = clip_tiny.tokenizer
+    calls = []
+    real = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text, *a, **kw: calls.append(text) or real(text, *a, **kw))
+    names = ["cache probe okapi", "cache probe quokka", "cache probe okapi"]
+    first = class_suffixes(tok, names, "{}.", 6)
+    assert calls == [f"{n}." for n in names]                 # one encode per name on the first call
+    calls.clear()
+    again = class_suffixes(tok, tuple(names), "{}.", 6)
+    assert calls == []                                       # cached: no tokenisation at all
+    assert again.lengths == first.lengths and torch.equal(again.ids, first.ids) and torch.equal(again.cu, first.cu)
+    class_suffixes(tok, names[:2], "{}.", 6)                 # a different class list tokenises
+    assert calls == [f"{n}." for n in names[:2]]
+    calls.clear()
+    class_suffixes(tok, names, "{}, a kind of animal.", 6)   # the same list under another suffix tokenises
+    assert len(calls) == len(names)
+
+
+def test_tokenisation_matches_open_clip(clip_b16):
     tok = clip_b16.tokenizer
     a = class_suffixes(tok, NAMES, "{}.", 6)
-    b = class_suffixes(tok, list(NAMES), "{}.", 6)
-    assert a.ids.data_ptr() != 0 and torch.equal(a.ids, b.ids)
     full = tok([f"{n}." for n in NAMES])
     for c, name in enumerate(NAMES):
         seg = a.ids[a.cu[c]:a.cu[c + 1]].tolist()

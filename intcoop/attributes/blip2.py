@@ -1,36 +1,24 @@
-"""Attribute labels from BLIP-2: answer parsing, the labels file, and batched, resumable labelling.
+"""Attribute labels from BLIP-2: answer parsing, the model, and batched, resumable labelling into a labels file.
 
 Owns (METHOD.md, "Attribute labels (BLIP-2)"):
   parse_answer(answer, classname) -> one lower-case word or None
-  the labels file: JSON lines, one record per image
-      {"id": str, "class": str, "answer": str | null, "attribute": str | null, "model": str | null}
-      read_labels / write_labels / validate_record; later lines win when an id repeats.
+  (the labels file itself, its format, reading and writing: `labels_file.py`)
   label_images(items, out_path, ...) -> LabelStats     (BLIP-2 via Blip2Labeler, or any callable)
-  Blip2Labeler, load_blip2, ModelUnavailableError, LabelsFileError
-
-How the file is written (resumability). label_images APPENDS each finished batch (one write of whole lines,
-then flush + fsync) instead of rewriting the whole file per batch: earlier bytes are never touched, so a crash
-can at worst leave a partial last line, and a full rewrite per batch would cost O(n^2) I/O on large datasets
-(16k images, batch 8 -> 2,000 rewrites of a growing file). read_labels drops a partial last line with a
-warning; before appending again, label_images repairs such a file with one atomic rewrite (write_labels:
-temporary file in the same folder, fsync, os.replace), so a partial line never ends up in the middle.
-Only JSON is parsed: loading a labels file never executes code. One writer per file at a time.
+  Blip2Labeler, load_blip2, ModelUnavailableError
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
-from .config import atomic_write_bytes
+from .labels_file import append_records, scan_labels, write_labels
 
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 DEFAULT_QUESTION = "Question: Which one adjective best describes the {} in this image? Answer:"
-FIELDS = ("id", "class", "answer", "attribute", "model")
 
 # Words that never make an attribute: articles, pronouns, auxiliaries, prepositions, conjunctions, words of the
 # question itself (echoed by BLIP-2 OPT), hedges and contraction tails.
@@ -50,10 +38,6 @@ s t d ll re ve m
 """.split())
 
 _SPLIT = re.compile(r"[\W_]+")
-
-
-class LabelsFileError(ValueError):
-    """A labels file (or a record) that does not follow the format; the message names file and line."""
 
 
 class ModelUnavailableError(RuntimeError):
@@ -89,83 +73,6 @@ def parse_answer(answer: str | None, classname: str) -> str | None:
             continue
         return w
     return None
-
-
-# ------------------------------------------------------------------------------------------ labels file
-def validate_record(obj, where: str = "record") -> dict:
-    """Check one labels-file record (a dict with FIELDS; extra keys kept) and return it; LabelsFileError if not."""
-    if not isinstance(obj, dict):
-        raise LabelsFileError(f"{where}: expected a JSON object with fields {list(FIELDS)}, got {type(obj).__name__}")
-    missing = [f for f in FIELDS if f not in obj]
-    if missing:
-        raise LabelsFileError(f"{where}: missing field(s) {missing} (need {list(FIELDS)})")
-    if not isinstance(obj["id"], str) or not obj["id"]:
-        raise LabelsFileError(f"{where}: 'id' must be a non-empty string, got {obj['id']!r}")
-    if not isinstance(obj["class"], str) or not obj["class"].strip():
-        raise LabelsFileError(f"{where}: 'class' must be a non-empty string, got {obj['class']!r}")
-    for f in ("answer", "model"):
-        if obj[f] is not None and not isinstance(obj[f], str):
-            raise LabelsFileError(f"{where}: '{f}' must be a string or null, got {obj[f]!r}")
-    a = obj["attribute"]
-    if a is not None and (not isinstance(a, str) or not a.strip()):
-        raise LabelsFileError(f"{where}: 'attribute' must be a non-empty string or null, got {a!r}")
-    return obj
-
-
-def _scan(path: Path) -> tuple[dict[str, dict], bool]:
-    """(records by id, whether the file needs a repair before appending: partial or unterminated last line)."""
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    complete = data.endswith(b"\n") or not data
-    if complete:
-        lines = lines[:-1]  # the empty piece after the final newline
-    records: dict[str, dict] = {}
-    repair = not complete
-    for i, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        last = i == len(lines)
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            if last and not complete:
-                warnings.warn(f"{path}:{i}: dropping a truncated last line (an interrupted write?): "
-                              f"{raw[:60].decode('utf-8', 'replace')!r}", stacklevel=3)
-                break
-            raise LabelsFileError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        rec = validate_record(obj, f"{path}:{i}")
-        records[rec["id"]] = rec
-    return records, repair
-
-
-def read_labels(path: str | os.PathLike) -> dict[str, dict]:
-    """Records of a labels file by image id (later lines win). Tolerates a truncated last line (warns)."""
-    return _scan(Path(path))[0]
-
-
-def write_labels(path: str | os.PathLike, records: Iterable[dict] | dict[str, dict]) -> None:
-    """Write a labels file atomically: temporary file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    recs = list(records.values()) if isinstance(records, dict) else list(records)
-    for j, r in enumerate(recs):
-        validate_record(r, f"record {j}")
-    atomic_write_bytes(path, "".join(_line(r) for r in recs).encode("utf-8"))
-
-
-def attributes_by_id(records: dict[str, dict]) -> dict[str, str | None]:
-    """{image id: attribute word or None} from read_labels' result."""
-    return {k: r["attribute"] for k, r in records.items()}
-
-
-def _line(rec: dict) -> str:
-    return json.dumps(rec, ensure_ascii=False) + "\n"
-
-
-def _append(path: Path, recs: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(_line(r) for r in recs))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # -------------------------------------------------------------------------------------------- BLIP-2
@@ -217,7 +124,7 @@ def load_blip2(model: str = DEFAULT_MODEL, *, device="cpu", dtype=None):
                 raise ModelUnavailableError(_how_to(model)) from first
             from huggingface_hub import constants
 
-            from .backbone import hub_reachable
+            from ..clip import hub_reachable
             if not hub_reachable(constants.ENDPOINT):        # fail in seconds, not after minutes of retries
                 raise ModelUnavailableError(_how_to(model, constants.ENDPOINT)) from first
             try:
@@ -364,7 +271,7 @@ def label_images(items: Sequence[tuple], out_path: str | os.PathLike, *, model: 
         raise TypeError(f"labeler must be callable (images, questions) -> answers, got {type(labeler).__name__}")
     items = _check_items(items)
     out_path = Path(out_path)
-    existing, repair = _scan(out_path) if out_path.exists() else ({}, False)
+    existing, repair = scan_labels(out_path) if out_path.exists() else ({}, False)
     todo = [it for it in items if it[0] not in existing or existing[it[0]]["class"] != it[2]]
     stale = sum(1 for it in todo if it[0] in existing)
     if stale:
@@ -391,7 +298,7 @@ def label_images(items: Sequence[tuple], out_path: str | os.PathLike, *, model: 
                                      f"(need one string per image)")
                 recs = [{"id": iid, "class": cls, "answer": a, "attribute": parse_answer(a, cls), "model": name}
                         for (iid, _, cls), a in zip(batch, answers)]
-                _append(out_path, recs)
+                append_records(out_path, recs)
                 existing.update((r["id"], r) for r in recs)
                 bar.update(len(batch))
         finally:

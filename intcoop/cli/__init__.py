@@ -1,146 +1,31 @@
-"""The `intcoop` command line: info, label, train, eval, logits, demo (and explain / experiment when present).
+"""The `intcoop` command line: every parser, and `main`. Commands live beside it (commands.py: info, label, train,
+eval, logits, demo; explain.py: explain, attributes; experiment.py: experiment, ablate; train.py: the training
+flags, also `python -m intcoop train`). Library modules own no argparse.
 
-Each subcommand is a thin layer over the Python API; errors about the user's input print one clear line
-(no traceback) and exit with status 2.
+Errors about the user's input print one clear line (no traceback) and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import logging
+import re
 import sys
-from pathlib import Path
+import warnings
 
-__all__ = ["main"]
-
-
-# --- info ---------------------------------------------------------------------------------------------------------
-def cmd_info(args) -> int:
-    import platform
-
-    import torch
-
-    from .ops import _ext, dispatch
-
-    def version(mod):
-        try:
-            return __import__(mod).__version__
-        except Exception as exc:
-            return f"not available ({type(exc).__name__})"
-
-    print(f"intcoop {version('intcoop')}  python {platform.python_version()}  torch {torch.__version__} "
-          f"(CUDA {torch.version.cuda or 'none'})  triton {version('triton')}  open_clip {version('open_clip')}  "
-          f"transformers {version('transformers')}")
-    print(f"devices: cpu ({torch.get_num_threads()} threads)"
-          + (f", cuda: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no CUDA device"))
-    print(f"compiled core intcoop._C: {_ext.load_error() or 'built'}")
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        print(f"backends on {device}:")
-        for name, status, detail in dispatch.report(device):
-            print(f"  {name:7s} {status:24s} {detail}")
-    forced = dispatch.forced_backend()
-    print(f"{dispatch.ENV}={forced or 'auto'}")
-    return 0
-
-
-# --- label --------------------------------------------------------------------------------------------------------
-def _splits(args):
-    from .data import fewshot_splits, load_dataset, subsample_classes
-
-    splits = load_dataset(args.dataset, args.root)
-    if getattr(args, "shots", 0):
-        splits = fewshot_splits(splits, args.shots, args.seed, cache_dir=splits.root)
-    if getattr(args, "subsample", "all") in ("base", "novel"):
-        splits = subsample_classes(splits, args.subsample)
-    return splits
-
-
-def cmd_label(args) -> int:
-    from .labels import label_images
-
-    splits = _splits(args)
-    items = [(it.id, it.path, it.classname) for it in getattr(splits, args.split)]
-    extra = {"question": args.question} if args.question else {}
-    stats = label_images(items, args.out, model=args.model, batch_size=args.batch_size, device=args.device, **extra)
-    print(stats.summary())
-    return 0
-
-
-# --- train --------------------------------------------------------------------------------------------------------
-def cmd_train(args) -> int:
-    from .train_cli import run_from_args
-
-    run_from_args(args)
-    return 0
-
-
-# --- eval ---------------------------------------------------------------------------------------------------------
-def cmd_eval(args) -> int:
-    from .data import load_dataset
-    from .evaluate import evaluate_splits, write_table
-    from .labels import attributes_by_id, read_labels
-    from .checkpoint import load_trained
-
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_trained(args.checkpoint).to(device)
-    if args.attributes:
-        model.set_attributes(args.attributes)
-    labels = attributes_by_id(read_labels(args.labels)) if args.labels else None
-    splits = load_dataset(args.dataset, args.root)
-    rows = evaluate_splits(model, splits, args.subsample, args.split, batch_size=args.batch_size,
-                           workers=args.workers, labels_by_id=labels, compile=args.compile)
-    csv_path, md_path = write_table(rows, args.out, f"eval_{splits.name}_{args.subsample}")
-    print(md_path.read_text(), end="")
-    print(f"written: {csv_path}, {md_path}")
-    return 0
-
-
-# --- logits -------------------------------------------------------------------------------------------------------
-def _classnames(value: str) -> list[str]:
-    path = Path(value)
-    if path.is_file():
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    else:
-        names = [n.strip() for n in value.split(",") if n.strip()]
-    if not names:
-        raise ValueError(f"no class names in {value!r} (a file with one name per line, or a comma list)")
-    return names
-
-
-def cmd_logits(args) -> int:
-    import intcoop
-
-    model = None
-    if args.checkpoint:
-        from .checkpoint import load_trained
-        model = load_trained(args.checkpoint)
-    names = _classnames(args.classes)
-    logits = intcoop.fast_logits(args.images, names, model)
-    probs = logits.softmax(-1)
-    out = []
-    for path, p in zip(args.images, probs):
-        top = p.topk(min(args.top, len(names)))
-        out.append({"image": str(path), "top": [[names[i], round(float(v), 4)] for v, i in zip(*top)]})
-    print(json.dumps(out, indent=1))
-    return 0
-
-
-# --- demo ---------------------------------------------------------------------------------------------------------
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    run_demo(args.out, clip=args.clip, classes=args.classes, shots=args.shots, epochs=args.epochs)
-    return 0
+__all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import commands, experiment, explain
+    from .common import add_clip_arguments, add_precision_argument
+    from .train import add_train_arguments
+
     p = argparse.ArgumentParser(prog="intcoop", description="Fast, exact, interpretable IntCoOp prompt tuning "
                                 "of CLIP: label, train, evaluate, explain.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="versions, devices, and which op backends are built and usable here")
-    s.set_defaults(fn=cmd_info)
+    s.set_defaults(fn=commands.cmd_info)
 
     def data_args(s, split="train"):
         s.add_argument("--dataset", default="imagefolder", help="dataset name (intcoop.data.DATASETS)")
@@ -157,11 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--question", default=None, help="question template; {} is the class name")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--device", default=None)
-    s.set_defaults(fn=cmd_label)
+    s.set_defaults(fn=commands.cmd_label)
 
-    from .train_cli import add_train_arguments
     s = add_train_arguments(sub.add_parser("train", help="train prompts from a YAML config (see intcoop/configs/)"))
-    s.set_defaults(fn=cmd_train)
+    s.set_defaults(fn=commands.cmd_train)
 
     s = sub.add_parser("eval", help="accuracy of a checkpoint on a split (base / novel / harmonic mean)")
     s.add_argument("--checkpoint", required=True)
@@ -175,51 +59,118 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=0)
     s.add_argument("--device", default=None, help="default: cuda when there is a GPU, else cpu")
     s.add_argument("--compile", action="store_true", help="the text side under torch.compile (inductor)")
-    s.set_defaults(fn=cmd_eval)
+    add_precision_argument(s, "the checkpoint's model.precision")
+    add_clip_arguments(s, with_checkpoint=True)
+    s.set_defaults(fn=commands.cmd_eval)
 
-    s = sub.add_parser("logits", help="top classes of image files (JSON), with a checkpoint or CLIP zero-shot")
+    s = sub.add_parser("logits", help="top classes of image files (a table; --json), with a checkpoint or CLIP "
+                       "zero-shot")
     s.add_argument("images", nargs="+")
     s.add_argument("--classes", required=True, help="a file with one class name per line, or 'cat,dog,...'")
-    s.add_argument("--checkpoint", default=None)
-    s.add_argument("--top", type=int, default=5)
-    s.set_defaults(fn=cmd_logits)
+    s.add_argument("--checkpoint", default=None, help="trained checkpoint (default: CLIP zero-shot)")
+    s.add_argument("--top", type=int, default=5, help="classes shown per image")
+    s.add_argument("--probs", action="store_true", help="softmax probabilities instead of logits")
+    s.add_argument("--json", action="store_true", help="JSON lines, one object per image, instead of a table")
+    add_precision_argument(s, "the checkpoint's, fp32 for zero-shot")
+    add_clip_arguments(s, with_checkpoint=False)
+    s.set_defaults(fn=commands.cmd_logits)
 
-    s = sub.add_parser("demo", help="label (tiny BLIP-2), train and evaluate on a small real-image set, on CPU")
+    from ..demo.run import DEMO_DEFAULTS as D
+    s = sub.add_parser("demo", help="label (tiny BLIP-2), train and evaluate on Fashion-MNIST (train split -> "
+                       "held-out test split), offline, on the CPU")
     s.add_argument("--out", default="runs/demo")
-    s.add_argument("--clip", default="ViT-B-16", help="open_clip model name (random weights; offline)")
-    s.add_argument("--classes", type=int, default=5)
-    s.add_argument("--shots", type=int, default=16)
-    s.add_argument("--epochs", type=int, default=10)
-    s.set_defaults(fn=cmd_demo)
+    s.add_argument("--clip", default=D["clip"], help=f"open_clip model name, random weights (default {D['clip']})")
+    s.add_argument("--classes", type=int, default=D["classes"], help="Fashion-MNIST classes (1-10)")
+    s.add_argument("--shots", type=int, default=D["shots"], help="training images per class (official train split)")
+    s.add_argument("--test-per-class", type=int, default=D["test_per_class"],
+                   help="test images per class (official test split)")
+    s.add_argument("--epochs", type=int, default=D["epochs"])
+    s.add_argument("--lr", type=float, default=D["lr"], help="SGD learning rate")
+    s.set_defaults(fn=commands.cmd_demo)
 
-    for name in ("explain", "experiment"):
-        try:
-            mod = __import__(f"intcoop.{name}", fromlist=["add_parser"])
-        except ImportError:
-            continue
-        mod.add_parser(sub)
+    _add_or_report(sub, ("explain", "attributes"), lambda: explain.add_parser(sub))
+    _add_or_report(sub, ("experiment", "ablate"), lambda: experiment.add_parser(sub))
     return p
 
 
+class _RandomWeightsNote(logging.Filter):
+    """open_clip's "No pretrained weights loaded for model 'X'. Model initialized randomly." (logged for every
+    CLIP built with pretrained=None) becomes one line of intcoop's own per model: random weights were asked for."""
+
+    PATTERN = re.compile(r"No pretrained weights loaded for model '([^']*)'")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = self.PATTERN.match(str(record.msg))
+        if m is None:
+            return True
+        if m.group(1) not in self.seen:
+            self.seen.add(m.group(1))
+            print(f"note: CLIP {m.group(1)} has random weights (as asked: pretrained none)", file=sys.stderr)
+        return False
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as `intcoop` prints it: one line, its category and message, without the source line."""
+    from .common import cli_terms
+
+    text = cli_terms(" ".join(str(message).split()))
+    return f"warning: {text}\n" if category is UserWarning else f"warning ({category.__name__}): {text}\n"
+
+
+def _add_or_report(sub, names, add) -> None:
+    """Add subcommands; if building their parser fails to import something (a broken install), each of them
+    still exists and, when used, prints that import error instead of vanishing from `intcoop --help`."""
+    try:
+        add()
+    except ImportError as exc:
+        for name in names:
+            s = sub.add_parser(name, help=f"(unavailable: {exc})", add_help=False)
+            s.add_argument("rest", nargs=argparse.REMAINDER)
+            s.set_defaults(fn=_raise(exc))
+
+
+def _raise(exc: ImportError):
+    def fn(args):
+        raise exc
+    return fn
+
+
 def main(argv=None) -> int:
-    from .backbone import WeightsUnavailable
-    from .images import ImageInputError
+    from ..clip import WeightsUnavailable
+    from ..images import ImageInputError
+    from .common import cli_terms
 
     args = build_parser().parse_args(argv)
-    user_errors = (ValueError, FileNotFoundError, ImageInputError, WeightsUnavailable, KeyError)
-    try:
-        from .labels import LabelsFileError, ModelUnavailableError
-        user_errors += (LabelsFileError, ModelUnavailableError)
-    except ImportError:
-        pass
+    from ..attributes.blip2 import ModelUnavailableError
+    from ..attributes.labels_file import LabelsFileError
+
+    user_errors = (ValueError, FileNotFoundError, ImageInputError, WeightsUnavailable, KeyError, LabelsFileError,
+                   ModelUnavailableError, IsADirectoryError)
+    note = _RandomWeightsNote()
+    root = logging.getLogger()
+    root.addFilter(note)
+    saved_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         return args.fn(args)
     except user_errors as exc:
-        print(f"intcoop {args.command}: error: {exc}", file=sys.stderr)
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"intcoop {args.command}: error: {cli_terms(str(text))}", file=sys.stderr)
         return 2
+    except ImportError as exc:                # a module this command needs does not import: say which and why
+        print(f"intcoop {args.command}: error: cannot import what this command needs: {exc} "
+              f"(reinstall with `make setup`, or `pip install -r requirements.txt`)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"intcoop {args.command}: interrupted; what was written so far is kept", file=sys.stderr)
         return 130
+    finally:
+        root.removeFilter(note)
+        warnings.formatwarning = saved_format
 
 
 if __name__ == "__main__":

@@ -9,15 +9,15 @@ base/novel split, hand-crafted templates, image loading with CLIP's transforms, 
 Modules: types (Item, Splits), registry (DATASETS, load_dataset), coop / imagenet / imagefolder (readers),
 protocols (few-shot, base/novel), templates, loading, demo / demo_layouts. Does not import the model.
 """
-from .protocols import FewShotCacheError, fewshot, fewshot_splits, subsample_classes
-from .loading import CLIP_MEAN, CLIP_STD, ImageDataset, ImageReadError, clip_transforms, load_image, make_loader
+from .protocols import FewShotCacheError, fewshot, fewshot_splits, fewshot_subset, subsample_classes
+from .loading import CLIP_MEAN, CLIP_STD, ImageDataset, clip_transforms, make_loader
 from .registry import DATASETS, DOMAIN_SHIFT_DATASETS, FEWSHOT_DATASETS, dataset_dir, load_dataset
 from .templates import DEFAULT_TEMPLATE, TEMPLATES, template_for
 from .types import DatasetLayoutError, Item, Splits
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "DATASETS", "DEFAULT_TEMPLATE", "DOMAIN_SHIFT_DATASETS", "DatasetLayoutError",
-    "FEWSHOT_DATASETS", "FewShotCacheError", "ImageDataset", "ImageReadError", "Item", "Splits", "TEMPLATES",
-    "clip_transforms", "dataset_dir", "fewshot", "fewshot_splits", "load_dataset", "load_image", "make_loader",
+    "FEWSHOT_DATASETS", "FewShotCacheError", "ImageDataset", "Item", "Splits", "TEMPLATES",
+    "clip_transforms", "dataset_dir", "fewshot", "fewshot_splits", "fewshot_subset", "load_dataset", "make_loader",
     "subsample_classes", "template_for",
 ]

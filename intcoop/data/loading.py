@@ -1,4 +1,5 @@
-"""From items to batches: `ImageDataset`, CLIP's transforms and a reproducible `make_loader`.
+"""From items to batches: `ImageDataset` (images read by `intcoop.images.load_image`, the one image loader), CLIP's
+transforms and a reproducible `make_loader`.
 
 Reproducibility: for each pass, `make_loader` draws the order of the items and one seed per item from a
 generator seeded with (seed, pass), and applies each item's transform under its own seed. A run's batches,
@@ -17,23 +18,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
+from ..images import load_image
 from .types import Item
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ImageReadError(OSError):
-    """An image file could not be opened or decoded; the message names the path."""
-
-
-def load_image(path: str) -> Image.Image:
-    """The image at `path` as RGB; ImageReadError naming the path if it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 def clip_transforms(image_size: int = 224, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,

@@ -21,7 +21,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from ..config import atomic_write_bytes
+from .._io import atomic_write_bytes
 from .types import Item, Splits
 
 CACHE_FORMAT = "intcoop-fewshot-v1"
@@ -60,6 +60,15 @@ def fewshot_splits(splits: Splits, shots: int, seed: int, cache_dir: str | os.Pa
         train, val = fewshot(splits.train, shots, seed), fewshot(splits.val, val_shots, seed)
         write_cache(path, splits, shots, seed, train, val)
     return splits.replace(train=train, val=val)
+
+
+def fewshot_subset(splits: Splits, shots: int, seed: int, subset: str = "all") -> Splits:
+    """What training and labelling read: `shots` per class (0 = all) drawn with `seed` and cached as CoOp does in
+    the dataset folder when that folder is writable (else drawn again, the same), then the `subset` classes."""
+    if shots > 0:
+        cache = splits.root if splits.root and os.access(splits.root, os.W_OK) else None
+        splits = fewshot_splits(splits, shots, seed, cache_dir=cache)
+    return subsample_classes(splits, subset) if subset != "all" else splits
 
 
 def cache_path(cache_dir: str | os.PathLike, shots: int, seed: int, subset: str = "all") -> Path:

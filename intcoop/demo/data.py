@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .demo_layouts import write_coop_layout
+from .layouts import write_coop_layout
 
 __all__ = ["build_demo_dataset", "write_coop_layout", "photo", "PHOTOS", "FASHION_MNIST_CLASSES",
            "DemoSourceError", "fashion_mnist_dir"]

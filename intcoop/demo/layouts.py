@@ -20,9 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from .imagenet import FOLDERS as IMAGENET_FOLDERS
-from .registry import DATASETS, SPLIT_JSON_DATASETS, load_dataset
-from .types import SPLITS, Splits
+from ..data.imagenet import FOLDERS as IMAGENET_FOLDERS
+from ..data.registry import DATASETS, SPLIT_JSON_DATASETS, load_dataset
+from ..data.types import SPLITS, Splits
 
 
 def write_coop_layout(name: str, source: Splits | str | os.PathLike, dest_root: str | os.PathLike,

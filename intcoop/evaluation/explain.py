@@ -3,7 +3,7 @@
     explain(images, classnames, model=None, *, labels_by_id=None, ids=None, k=5) -> list[dict], one per image
     attribute_quality(model, items, labels_by_id, *, batch_size=32, out_dir=None) -> dict
     the CLI subcommands `intcoop explain` and `intcoop attributes` (add_parser)
-Rendering (report.json / .png / .html) is in `report.py`; `write_report` is re-exported here.
+Rendering (report.json / .png / .html) is in `report.py`.
 
 One result of explain (plain lists, floats and strings: JSON as it is):
     image           the path as given, or "#i" for a PIL image / tensor row
@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 
-from .report import write_report
-
-__all__ = ["explain", "attribute_quality", "write_report", "add_parser", "summary_line"]
+__all__ = ["explain", "attribute_quality", "summary_line"]
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -93,12 +90,11 @@ def explain(images, classnames, model=None, *, labels_by_id: dict | None = None,
     {image id: word or None} (labels.attributes_by_id) or {id: record}. ids: B image ids (default: the path as
     given). k: classes and words shown. Inputs are checked before any work. See the module docstring.
     """
-    from . import api
-    from .backbone import image_size
-    from .evaluate import oracle_targets
-    from .images import open_all, to_batch
-    from .text import class_suffixes
-    from .vocab import decode
+    from ..clip import image_size
+    from .metrics import oracle_targets
+    from ..images import to_batch
+    from ..inference import batched_logits, check_inputs, default_model
+    from ..attributes.vocab import decode
     from PIL import Image
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -111,12 +107,10 @@ def explain(images, classnames, model=None, *, labels_by_id: dict | None = None,
         images = list(images)                                   # a generator is read once
     paths = None if isinstance(images, torch.Tensor) else _names(images)
     if model is None:                                           # check the inputs before loading weights
-        images = open_all(images)
-        from open_clip import SimpleTokenizer
-        class_suffixes(SimpleTokenizer(), classnames, "{}.", 5)
+        images, _ = check_inputs(images, classnames)
         if ids is not None and len(ids) != len(images):
             raise ValueError(f"{len(ids)} ids for {len(images)} images")
-        model = api.default_model()
+        model = default_model()
     suf = model.suffixes(classnames)                            # validates the class list
     names = classnames
     x = to_batch(images, model.preprocess, image_size(model.clip))
@@ -140,23 +134,17 @@ def explain(images, classnames, model=None, *, labels_by_id: dict | None = None,
     attention = model.config.conditioning == "attention"
     has_slot = model.prompt.attr is not None
 
-    logits, preds, maps = [], [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, B, batch_size):
-                chunk = x[start:start + batch_size].to(model.device, model.dtype)
-                feats, tokens = model.image_features(chunk)
-                tgt = targets[start:start + batch_size].to(model.device) if targets is not None else None
-                logits.append(model.logits_from_features(feats, tokens, suf, tgt, max_rows).float().cpu())
-                if has_slot:
-                    preds.append(model.prompt.attributes(feats).float().cpu())          # [b, K, D]
-                if attention:                                                           # [b, M, H, L] -> [b, M, L]
-                    maps.append(model.prompt.cond.attention_maps(model.prompt.ctx, tokens).float().mean(2).cpu())
-    finally:
-        model.train(was_training)
-    probs = torch.cat(logits).softmax(-1)
+    def extra(feats, tokens):
+        pred = model.prompt.attributes(feats).float().cpu() if has_slot else None                 # [b, K, D]
+        maps = (model.prompt.cond.attention_maps(model.prompt.ctx, tokens).float().mean(2).cpu()  # [b, M, L]
+                if attention else None)
+        return pred, maps
+
+    chunks = ((x[s:s + batch_size], targets[s:s + batch_size] if targets is not None else None)
+              for s in range(0, B, batch_size))
+    logits, extras = batched_logits(model, chunks, suf, max_rows=max_rows, extra=extra)
+    preds, maps = [p for p, _ in extras], [m for _, m in extras]
+    probs = logits.softmax(-1)
     top = probs.topk(min(k, probs.shape[1]), dim=-1)
 
     if has_slot:
@@ -168,6 +156,9 @@ def explain(images, classnames, model=None, *, labels_by_id: dict | None = None,
         gh, gw = _grid(model, att.shape[-1])
 
     notes = []
+    if getattr(model.config, "pretrained", "?") is None and getattr(model, "clip_name", "custom") != "custom":
+        notes.append(f"the CLIP ({model.config.clip}) has random weights (pretrained none): its classes, words and "
+                     "maps show the pipeline, not what a trained CLIP sees")
     if not has_slot:
         notes.append("no attribute words: this model has no attribute slot (attributes='off'; the default "
                      "zero-shot model has none)")
@@ -222,10 +213,10 @@ def attribute_quality(model, items, labels_by_id: dict, *, batch_size: int = 32,
     Returns {"overall": {...}, "per_class": {classname: {...}}, "rows": table rows, "files": [csv, md] or []};
     with out_dir the rows are written by evaluate.write_table as <name>.csv / <name>.md.
     """
-    from .backbone import image_features
-    from .data import ImageDataset, make_loader
-    from .evaluate import write_table
-    from .vocab import agreement
+    from ..clip import image_features
+    from ..data import ImageDataset, make_loader
+    from .._io import write_table
+    from ..attributes.vocab import agreement
 
     if model.prompt.attr is None:
         raise ValueError("this model has no attribute slot (attributes='off'): it predicts no attribute words")
@@ -260,72 +251,3 @@ def attribute_quality(model, items, labels_by_id: dict, *, batch_size: int = 32,
     rows.append({"class": "all", **{f: overall[f] for f in cols}})
     files = list(write_table(rows, out_dir, name)) if out_dir is not None else []
     return {"overall": overall, "per_class": per_class, "rows": rows, "files": files}
-
-
-# ------------------------------------------------------------------------------------------------------ CLI
-def _load(checkpoint, device):
-    from .checkpoint import load_trained
-
-    return load_trained(checkpoint, device=device)
-
-
-def cmd_explain(args) -> int:
-    from .cli import _classnames
-    from .images import open_all
-    from .labels import attributes_by_id, read_labels
-
-    names = _classnames(args.classes)
-    if args.top < 1:
-        raise ValueError(f"--top must be a positive integer, got {args.top}")
-    open_all(args.images)                                       # every file readable before the model loads
-    labels = attributes_by_id(read_labels(args.labels)) if args.labels else None
-    model = _load(args.checkpoint, args.device) if args.checkpoint else None
-    results = explain(args.images, names, model, labels_by_id=labels, k=args.top)
-    paths = write_report(results, args.images, args.out)
-    for r in results:
-        print(summary_line(r))
-    for note in dict.fromkeys(n for r in results for n in r["notes"] if not n.startswith("no BLIP-2 label")):
-        print(f"note: {note}")
-    print(f"report: {paths['html']} (also {paths['png'].name}, {paths['json'].name} in {Path(args.out)})")
-    return 0
-
-
-def cmd_attributes(args) -> int:
-    from .data import load_dataset
-    from .labels import attributes_by_id, read_labels
-
-    model = _load(args.checkpoint, args.device)
-    labels = attributes_by_id(read_labels(args.labels))
-    splits = load_dataset(args.dataset, args.root)
-    res = attribute_quality(model, getattr(splits, args.split), labels, batch_size=args.batch_size,
-                            out_dir=args.out, name=f"attributes_{splits.name}_{args.split}", workers=args.workers)
-    csv_path, md_path = res["files"]
-    print(md_path.read_text(), end="")
-    print(f"written: {csv_path}, {md_path}")
-    return 0
-
-
-def add_parser(sub) -> None:
-    """Add `explain` and `attributes` to the `intcoop` command's subparsers."""
-    s = sub.add_parser("explain", help="top classes, attribute words, BLIP-2's word and attention maps of images "
-                       "(report.html / .png / .json)")
-    s.add_argument("images", nargs="+", help="image files")
-    s.add_argument("--classes", required=True, help="a file with one class name per line, or 'cat,dog,...'")
-    s.add_argument("--checkpoint", default=None, help="trained checkpoint (default: CLIP zero-shot, no attributes)")
-    s.add_argument("--labels", default=None, help="BLIP-2 labels file (JSON lines), keyed by image id or path")
-    s.add_argument("--out", default="runs/explain", help="folder for report.html, report.png, report.json")
-    s.add_argument("--top", type=int, default=5, help="classes and attribute words shown per image")
-    s.add_argument("--device", default=None)
-    s.set_defaults(fn=cmd_explain)
-
-    s = sub.add_parser("attributes", help="agreement of a checkpoint's attribute words with BLIP-2's labels")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--dataset", default="imagefolder", help="dataset name (intcoop.data.DATASETS)")
-    s.add_argument("--root", required=True, help="dataset folder (CoOp layout or ImageFolder)")
-    s.add_argument("--labels", required=True, help="BLIP-2 labels file of the split (JSON lines)")
-    s.add_argument("--split", default="test", choices=["train", "val", "test"])
-    s.add_argument("--out", default="runs/attributes")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--workers", type=int, default=0)
-    s.add_argument("--device", default=None)
-    s.set_defaults(fn=cmd_attributes)

@@ -6,6 +6,9 @@
 - report.png:  one row per image: the image (as the model saw it: shorter side resized, centre crop), each
                context token's attention map drawn over it as a heat map (alpha blended), and a text panel
                with the top classes, the predicted attribute words and BLIP-2's word. At most MAX_PNG_ROWS rows.
+Attention maps share ONE scale per report, relative to uniform attention (1/L over the L = patches + class
+token): a patch at or below 1/L is left clear, full colour is the report's largest ratio (at least
+MIN_TOP_RATIO x uniform), so near-uniform attention looks uniform; captions and the legend give the numbers.
 - report.html: one self-contained page (no external files): per image a heading, its pictures embedded as
                base64 PNG, and tables of top classes and attribute words, BLIP-2's word and notes.
 matplotlib draws through its Agg canvas directly (no pyplot, no global backend switch). Files are written
@@ -23,17 +26,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import atomic_write_bytes
+from .._io import atomic_write_bytes
 
-__all__ = ["write_report", "display_images", "overlay", "FORMAT", "DISPLAY_SIZE", "MAX_PNG_ROWS"]
+__all__ = ["write_report", "display_images", "overlay", "attention_scale", "legend", "FORMAT", "DISPLAY_SIZE",
+           "MAX_PNG_ROWS"]
 
 FORMAT = "intcoop-explain-v1"
 DISPLAY_SIZE = 224          # pixels of each picture in the report
 MAX_PNG_ROWS = 40           # report.png shows the first images only (report.html has all)
-ALPHA = 0.6                 # heat-map opacity at the most attended patch
+ALPHA = 0.6                 # heat-map opacity at the top of the scale
 CMAP = "jet"
-LEGEND = ("Heat maps: attention of each context token v_j over the patch grid (mean over heads; the class "
-          "token's weight in brackets), from its minimum (clear) to its maximum (red).")
+MIN_TOP_RATIO = 2.0         # full colour at no less than 2x uniform attention (a flat map stays clear)
+
+
+def attention_scale(results: list[dict]) -> float:
+    """The top of the report's colour scale: the largest attention / uniform ratio of any map (>= MIN_TOP_RATIO)."""
+    top = MIN_TOP_RATIO
+    for r in results:
+        att = r.get("attention")
+        if att:
+            L = att["grid"][0] * att["grid"][1] + 1
+            top = max([top] + [v * L for m in att["maps"] for row in m for v in row])
+    return top
+
+
+def legend(results: list[dict]) -> str:
+    """What the heat maps show, with the report's scale."""
+    att = next((r["attention"] for r in results if r.get("attention")), None)
+    if att is None:
+        return ""
+    L = att["grid"][0] * att["grid"][1] + 1
+    return (f"Heat maps: attention of each context token v_j over the patch grid (mean over heads), as a ratio to "
+            f"uniform attention 1/L = 1/{L}; one scale for the whole report: clear at or below 1x uniform, full "
+            f"colour at {attention_scale(results):.2f}x. Captions: the map's largest ratio and the class token's "
+            f"weight.")
 
 
 # --------------------------------------------------------------------------------------------------- pictures
@@ -46,7 +72,7 @@ def display_images(images, size: int = DISPLAY_SIZE) -> list[np.ndarray]:
     """
     from PIL import Image
 
-    from .images import open_all
+    from ..images import open_all
 
     opened = open_all(images)
     if isinstance(opened, torch.Tensor):
@@ -67,12 +93,13 @@ def display_images(images, size: int = DISPLAY_SIZE) -> list[np.ndarray]:
     return out
 
 
-def overlay(picture: np.ndarray, grid_map, alpha: float = ALPHA, cmap: str = CMAP) -> np.ndarray:
+def overlay(picture: np.ndarray, grid_map, alpha: float = ALPHA, cmap: str = CMAP, lo: float | None = None,
+            hi: float | None = None) -> np.ndarray:
     """A heat map of grid_map [gh, gw] over picture [S, S, 3] uint8 -> uint8 [S, S, 3].
 
-    The map is upsampled bilinearly to the picture and scaled to 0..1 between its minimum and maximum (the
-    captions give the range); each pixel is blended with the colour map's colour with opacity alpha * (scaled
-    attention), so the least attended regions stay as they were.
+    The map is upsampled bilinearly to the picture and scaled to 0..1 between lo and hi (default: its own
+    minimum and maximum; the report passes one scale for all maps); each pixel is blended with the colour map's
+    colour with opacity alpha * (scaled value), so values at or below lo stay as they were.
     """
     import matplotlib
     from PIL import Image
@@ -82,7 +109,8 @@ def overlay(picture: np.ndarray, grid_map, alpha: float = ALPHA, cmap: str = CMA
         raise ValueError(f"an attention map must be [gh, gw], got shape {m.shape}")
     H, W = picture.shape[:2]
     up = np.asarray(Image.fromarray(m).resize((W, H), Image.BILINEAR), dtype=np.float32)
-    lo, hi = float(m.min()), float(m.max())
+    lo = float(m.min()) if lo is None else float(lo)
+    hi = float(m.max()) if hi is None else float(hi)
     up = np.clip((up - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
     colour = matplotlib.colormaps[cmap](up)[..., :3] * 255.0
     a = (alpha * up)[..., None]
@@ -97,14 +125,17 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _pictures(result: dict, picture: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """(caption, picture) for the image and each context token's attention map."""
+def _pictures(result: dict, picture: np.ndarray, top: float = MIN_TOP_RATIO) -> list[tuple[str, np.ndarray]]:
+    """(caption, picture) for the image and each context token's attention map, drawn as ratios to uniform on
+    the report's scale [1, top]."""
     out = [("image", picture)]
     att = result.get("attention")
     if att:
+        L = att["grid"][0] * att["grid"][1] + 1
         for name, m, cls in zip(att["context"], att["maps"], att["cls"]):
-            flat = [v for r in m for v in r]
-            out.append((f"{name}: {min(flat):.3f}-{max(flat):.3f} (cls {cls:.3f})", overlay(picture, m)))
+            ratio = np.asarray(m, dtype=np.float32) * L
+            out.append((f"{name}: max {ratio.max():.2f}x uniform (cls {cls:.3f})",
+                        overlay(picture, ratio, lo=1.0, hi=top)))
     return out
 
 
@@ -145,13 +176,14 @@ def _render_png(results: list[dict], pictures: list[np.ndarray]) -> bytes:
     rows = min(len(results), MAX_PNG_ROWS)
     n_maps = max((len(r["attention"]["maps"]) for r in results[:rows] if r.get("attention")), default=0)
     ratios = [1.0] * (1 + n_maps) + [2.3]
-    height = 2.6 * rows + 0.25
+    height = 2.6 * rows + 0.45
     fig = Figure(figsize=(2.3 * sum(ratios), height), dpi=100)
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(rows, len(ratios), width_ratios=ratios, wspace=0.08, hspace=0.3,
-                            left=0.01, right=0.99, top=1 - 0.25 / height, bottom=0.3 / height)
+                            left=0.01, right=0.99, top=1 - 0.25 / height, bottom=0.5 / height)
+    top = attention_scale(results)
     for i in range(rows):
-        res, pics = results[i], _pictures(results[i], pictures[i])
+        res, pics = results[i], _pictures(results[i], pictures[i], top)
         for j in range(1 + n_maps):
             ax = fig.add_subplot(grid[i, j])
             ax.set_axis_off()
@@ -164,10 +196,10 @@ def _render_png(results: list[dict], pictures: list[np.ndarray]) -> bytes:
         ax.set_axis_off()
         ax.text(0.0, 1.0, _panel(res), va="top", ha="left", family="monospace", fontsize=8.5,
                 transform=ax.transAxes)
-    footer = LEGEND if n_maps else ""
+    footer = legend(results) if n_maps else ""
     if len(results) > rows:
         footer += f"  {len(results) - rows} more image(s) in report.html / report.json."
-    fig.text(0.01, 0.004, footer.strip(), fontsize=8, va="bottom")
+    fig.text(0.01, 0.004, "\n".join(textwrap.wrap(footer.strip(), 190)), fontsize=8, va="bottom")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", facecolor="white")
     return buf.getvalue()
@@ -193,10 +225,11 @@ def _render_html(results: list[dict], pictures: list[np.ndarray]) -> bytes:
     e = html.escape
     parts = ["<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>intcoop explain report</title>",
              f"<style>{_CSS}</style></head><body><h1>intcoop explain report</h1>",
-             f"<p>{len(results)} image(s). {html.escape(LEGEND)} The numbers give that range.</p>"]
+             f"<p>{len(results)} image(s). {html.escape(legend(results))}</p>"]
+    top = attention_scale(results)
     for res, picture in zip(results, pictures):
         parts.append(f"<section><h2>{e(str(res['image']))}</h2>")
-        for caption, arr in _pictures(res, picture):
+        for caption, arr in _pictures(res, picture, top):
             data = base64.b64encode(_png(arr)).decode("ascii")
             parts.append(f"<figure><img src=\"data:image/png;base64,{data}\" alt=\"{e(caption)}\" "
                          f"width={arr.shape[1]} height={arr.shape[0]}><figcaption>{e(caption)}</figcaption></figure>")

@@ -2,8 +2,7 @@
 
     run_protocol(protocol, datasets, root, seeds, shots, config, out, ...)  -> table rows
     run_ablation(dataset, root, seeds, shots, noise, config, out, ...)      -> table rows
-    intcoop experiment base2novel|fewshot|domain|crossdataset --datasets a,b --root DIR --seeds 1,2,3 --out DIR
-    intcoop ablate --dataset NAME --root DIR [--seeds 1] [--shots 16] [--noise 0.1,0.3,0.5] [--labels F] --out DIR
+(the commands `intcoop experiment` and `intcoop ablate` are in intcoop/cli/experiment.py)
 
 Protocols (METHOD.md), one cell per (dataset, shots, seed); cells are run by `sweep.Sweep` (resumable):
 - base2novel: train on the base classes (first ceil(N/2)), K shots (default 16); test on base and on novel
@@ -31,11 +30,15 @@ import statistics
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .config import RunConfig, atomic_write_bytes
-from .sweep import TINY_CLIP, Cell, Eval, Sweep, apply_overrides, register_tiny_clip
+from ..config import RunConfig
+
+from .._io import atomic_write_bytes
+from ..clip import TINY_CLIP, register_tiny_clip
+from ..evaluation.metrics import harmonic_mean
+from .sweep import Cell, Eval, Sweep, apply_overrides
 
 __all__ = ["PROTOCOLS", "VARIANTS", "INTCOOP", "run_protocol", "run_ablation", "protocol_cells", "ablation_variants",
-           "aggregate", "plot_fewshot", "add_parser", "register_tiny_clip", "TINY_CLIP"]
+           "aggregate", "plot_fewshot"]
 
 PROTOCOLS = ("base2novel", "fewshot", "domain", "crossdataset")
 FEWSHOT_SHOTS = (1, 2, 4, 8, 16)
@@ -63,10 +66,12 @@ def ablation_variants(noise: Sequence[float] = (0.1, 0.3, 0.5), names: Sequence[
     """VARIANTS (or the named ones) plus one `label_noise=p` variant per rate."""
     out = {**VARIANTS, **{f"label_noise={p:g}": {**INTCOOP, "train.label_noise": float(p)} for p in noise}}
     if names is not None:
-        unknown = [n for n in names if n not in out]
+        by_lower = {k.lower(): k for k in out}              # names are case-insensitive: intcoop, coop, ...
+        unknown = [n for n in names if n.strip().lower() not in by_lower]
         if unknown:
-            raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(out)}")
-        out = {n: out[n] for n in names}
+            raise ValueError(f"unknown variant(s) {', '.join(map(repr, unknown))}; known: {', '.join(out)} "
+                             f"(case does not matter)")
+        out = {by_lower[n.strip().lower()]: out[by_lower[n.strip().lower()]] for n in names}
     return out
 
 
@@ -74,7 +79,7 @@ def ablation_variants(noise: Sequence[float] = (0.1, 0.3, 0.5), names: Sequence[
 def protocol_cells(protocol: str, datasets: Sequence[str] | None, seeds: Sequence[int], shots: Sequence[int],
                    source: str = "imagenet") -> list[Cell]:
     """The cells of a protocol (see the module docstring); datasets=None: the protocol's default list."""
-    from .data import DOMAIN_SHIFT_DATASETS, FEWSHOT_DATASETS
+    from ..data import DOMAIN_SHIFT_DATASETS, FEWSHOT_DATASETS
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
@@ -97,21 +102,23 @@ def protocol_cells(protocol: str, datasets: Sequence[str] | None, seeds: Sequenc
     return cells
 
 
-def _base_config(config, overrides, root, labels) -> RunConfig:
-    from .train import parse_overrides, resolve_config
+def _base_config(config, overrides, root, labels) -> tuple[RunConfig, dict]:
+    """(the sweep's base config, the user's overrides as given, for the cell files)."""
+    from ..config import Overrides, parse_overrides, resolve_config
 
     if isinstance(config, RunConfig):
         cfg = config
     else:
-        from .config import load_config
+        from ..config import load_config
         cfg = load_config(resolve_config(config))
     extra = {"data.root": str(root)}
     if labels is not None:
         extra["data.labels"] = str(labels)
-    cfg = apply_overrides(cfg, {**parse_overrides(overrides), **extra})
+    given = parse_overrides(overrides)
+    cfg = apply_overrides(cfg, Overrides({**given, **extra}, given.typed, given.flag))
     if cfg.model.clip == TINY_CLIP:
         register_tiny_clip()
-    return cfg
+    return cfg, dict(given)
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -163,8 +170,7 @@ def aggregate(data: Mapping, cols: Sequence[str], derived: Sequence[tuple[str, C
 
 
 def _hm(m: dict) -> float:
-    b, n = m["base"], m["novel"]
-    return 0.0 if b + n == 0 else 2 * b * n / (b + n)
+    return harmonic_mean(m["base"], m["novel"])
 
 
 def protocol_table(protocol: str, results: Sequence[dict]) -> list[dict]:
@@ -245,14 +251,15 @@ def run_protocol(protocol: str, datasets: Sequence[str] | None, root, seeds: Seq
     {"train.epochs": 5} or ["train.epochs=5"]. shots: default (1, 2, 4, 8, 16) for fewshot, else
     (config.data.shots,). labels: BLIP-2 labels file for the attribute loss ("{dataset}" is replaced by each
     dataset's name). model_factory(model_config) -> IntCoOp and trainer_factory(config, model, items,
-    classnames, **kw) -> Trainer are hooks (see intcoop.sweep); callbacks go to every Trainer.
+    classnames, **kw) -> Trainer are hooks (see intcoop.experiments.sweep); callbacks go to every Trainer.
     """
-    cfg = _base_config(config, overrides, root, labels)
+    cfg, given = _base_config(config, overrides, root, labels)
     if shots is None:
         shots = FEWSHOT_SHOTS if protocol == "fewshot" else (cfg.data.shots,)
     cells = protocol_cells(protocol, datasets, seeds, shots, source)
     sweep = Sweep(out, cfg, model_factory=model_factory, trainer_factory=trainer_factory, callbacks=callbacks,
-                  device=device, progress=progress, eval_batch_size=eval_batch_size, log=log)
+                  device=device, progress=progress, eval_batch_size=eval_batch_size, log=log,
+                  overrides=given)
     rows = protocol_table(protocol, sweep.run(cells))
     write_results(rows, out, protocol)
     if protocol == "fewshot":
@@ -261,7 +268,7 @@ def run_protocol(protocol: str, datasets: Sequence[str] | None, root, seeds: Seq
 
 
 def write_results(rows, out, name):
-    from .evaluate import write_table
+    from .._io import write_table
     return write_table(rows, out, name)
 
 
@@ -278,7 +285,7 @@ def run_ablation(dataset: str, root, seeds: Sequence[int] = (1,), shots: int = 1
     file of the training AND test images (attribute loss, label noise, oracle attributes)."""
     if protocol not in ("base2novel", "fewshot"):
         raise ValueError(f"ablations run under base2novel or fewshot, got {protocol!r}")
-    cfg = _base_config(config, overrides, root, labels)
+    cfg, given = _base_config(config, overrides, root, labels)
     chosen = ablation_variants(noise, variants)
     subset = "base" if protocol == "base2novel" else "all"
     subsets = ("base", "novel") if protocol == "base2novel" else ("all",)
@@ -296,7 +303,8 @@ def run_ablation(dataset: str, root, seeds: Sequence[int] = (1,), shots: int = 1
         cells += [Cell(f"ablation-{protocol}-{dataset}-{shots}shot-seed{s}-{slug}", dataset, subset, shots, s, evals,
                        overrides=ov, meta={"protocol": "ablation", "variant": name}) for s in seeds]
     sweep = Sweep(out, cfg, model_factory=model_factory, trainer_factory=trainer_factory, callbacks=callbacks,
-                  device=device, progress=progress, eval_batch_size=eval_batch_size, log=log)
+                  device=device, progress=progress, eval_batch_size=eval_batch_size, log=log,
+                  overrides=given)
     results = sweep.run(cells)
     data: dict = {name: {} for name in chosen if not notes.get(name, "").startswith("not run")}
     for r in results:
@@ -313,85 +321,3 @@ def run_ablation(dataset: str, root, seeds: Sequence[int] = (1,), shots: int = 1
                      "note": notes.get(name, "")})
     write_results(rows, out, "ablation")
     return rows
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _names(text: str | None) -> list[str] | None:
-    return [x.strip() for x in text.split(",") if x.strip()] if text else None
-
-
-def _common(s) -> None:
-    s.add_argument("--root", required=True, help="datasets root (CoOp's DATASET.ROOT) or a dataset folder")
-    s.add_argument("--config", default=None, help="YAML config file or shipped config name (default: built-in "
-                   "defaults, IntCoOp)")
-    s.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config field (repeatable), e.g. --set train.epochs=5")
-    s.add_argument("--labels", default=None, help="BLIP-2 labels file ('{dataset}' is replaced by the dataset name)")
-    s.add_argument("--out", required=True, help="sweep folder: cells/, runs/, tables (rerun to resume)")
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
-    s.add_argument("--eval-batch-size", type=int, default=64)
-    s.add_argument("--no-progress", action="store_true", help="no progress bars (one line per cell remains)")
-
-
-def add_parser(sub) -> None:
-    """Add `experiment` and `ablate` to the `intcoop` command's subparsers."""
-    s = sub.add_parser("experiment", help="a protocol of the CoOp line of work as a resumable sweep: base2novel, "
-                       "fewshot, domain, crossdataset")
-    s.add_argument("protocol", choices=PROTOCOLS)
-    s.add_argument("--datasets", default=None, help="comma list (default: the protocol's datasets; for domain and "
-                   "crossdataset: the target datasets)")
-    s.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
-    s.add_argument("--shots", default=None, help="comma list (default: 1,2,4,8,16 for fewshot, else data.shots)")
-    s.add_argument("--source", default="imagenet", help="training dataset of domain / crossdataset")
-    _common(s)
-    s.set_defaults(fn=cmd_experiment)
-
-    s = sub.add_parser("ablate", help="IntCoOp, CoOp, CoCoOp, KgCoOp and IntCoOp's ablations side by side")
-    s.add_argument("--dataset", required=True, help="dataset name (intcoop.data.DATASETS)")
-    s.add_argument("--seeds", default="1", help="comma list of seeds")
-    s.add_argument("--shots", type=int, default=16, help="training images per class")
-    s.add_argument("--noise", default="0.1,0.3,0.5", help="label-noise rates (comma list; '' for none)")
-    s.add_argument("--protocol", default="base2novel", choices=["base2novel", "fewshot"],
-                   help="base2novel: base / novel / HM columns; fewshot: all classes, accuracy")
-    s.add_argument("--variants", default=None, help="comma list of variants to run (default: all)")
-    _common(s)
-    s.set_defaults(fn=cmd_ablate)
-
-
-def _hooks(args) -> dict:
-    return dict(overrides=args.set, labels=args.labels, device=args.device, progress=not args.no_progress,
-                eval_batch_size=args.eval_batch_size)
-
-
-def _show(out, name) -> None:
-    md = Path(out) / f"{name}.md"
-    print(md.read_text(), end="")
-    print(f"written: {Path(out) / (name + '.csv')}, {md}")
-
-
-def cmd_experiment(args) -> int:
-    run_protocol(args.protocol, _names(args.datasets), args.root, _ints(args.seeds),
-                 _ints(args.shots) if args.shots else None, args.config, args.out, source=args.source, **_hooks(args))
-    _show(args.out, args.protocol)
-    return 0
-
-
-def cmd_ablate(args) -> int:
-    run_ablation(args.dataset, args.root, _ints(args.seeds), args.shots, _floats(args.noise), args.config, args.out,
-                 protocol=args.protocol, variants=_names(args.variants), **_hooks(args))
-    _show(args.out, "ablation")
-    return 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -35,8 +34,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 import yaml
 
-from .backbone import TINY_CLIP, register_tiny_clip  # noqa: F401  (re-exported for experiment)
-from .config import SECTIONS, RunConfig, atomic_write_bytes
+from ..clip import TINY_CLIP, register_tiny_clip
+from ..config import SECTIONS, RunConfig
+from ..evaluation.metrics import harmonic_mean
+from .._io import atomic_write_bytes
 
 __all__ = ["Cell", "Eval", "Sweep", "apply_overrides", "run_id", "CELL_FORMAT"]
 
@@ -89,17 +90,10 @@ def run_id(dataset: str, subset: str, shots: int, seed: int, changed: Mapping | 
 
 
 def apply_overrides(cfg: RunConfig, overrides: Mapping) -> RunConfig:
-    """A copy of `cfg` with {"section.field": value} applied; ValueError naming an unknown section or field."""
-    sections = {s: getattr(cfg, s) for s in SECTIONS}
-    for key, value in overrides.items():
-        section, _, name = key.partition(".")
-        if section not in sections:
-            raise ValueError(f"unknown config section in {key!r}; known: {', '.join(SECTIONS)}")
-        names = {f.name for f in dataclasses.fields(sections[section])}
-        if name not in names:
-            raise ValueError(f"unknown config field {key!r}; known in {section}: {', '.join(sorted(names))}")
-        sections[section] = dataclasses.replace(sections[section], **{name: value})
-    return RunConfig(**sections)
+    """A copy of `cfg` with {"section.field": value} applied: `intcoop.config.apply_overrides` (unknown keys with a
+    "did you mean", values converted and range-checked, errors naming the override)."""
+    from ..config import apply_overrides as checked
+    return checked(cfg, overrides)
 
 
 def _flat(cfg: RunConfig) -> dict:
@@ -113,8 +107,8 @@ class _ClipCache:
         self.clips = {}
 
     def __call__(self, mc):
-        from .backbone import load_clip
-        from .model import IntCoOp
+        from ..clip import load_clip
+        from ..model import IntCoOp
 
         if mc.clip == TINY_CLIP:
             register_tiny_clip()
@@ -128,7 +122,7 @@ class _ClipCache:
 
 
 def _default_trainer(config, model, train_items, classnames, **kw):
-    from .train import Trainer
+    from ..train.trainer import Trainer
     return Trainer(config, model, train_items, classnames, **kw)
 
 
@@ -142,8 +136,10 @@ class Sweep:
     def __init__(self, out, config: RunConfig, *, model_factory: Callable | None = None,
                  trainer_factory: Callable | None = None, callbacks: Sequence[Callable] = (), device=None,
                  progress: bool = True, eval_batch_size: int = 64, eval_workers: int | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, overrides: Mapping | None = None):
         self.out, self.config = Path(out), config
+        self.overrides = dict(overrides or {})      # the user's overrides in `config`, recorded in each cell file
+        self._locked = False
         self.model_factory = model_factory or _ClipCache()
         self.trainer_factory = trainer_factory or _default_trainer
         self.callbacks, self.progress, self.log = list(callbacks), progress, log
@@ -153,18 +149,24 @@ class Sweep:
         self._splits: dict = {}
 
     # ------------------------------------------------------------------------------------------- config
-    def check_config(self) -> None:
-        """Write <out>/experiment.yaml, or check the config against it (a rerun must use the same settings)."""
+    def check_config(self, write: bool = True) -> None:
+        """Check the config against <out>/experiment.yaml (a rerun must use the same settings), or write it when
+        write=True (`run` writes it only once a cell starts work: a sweep that fails before any, e.g. without
+        weights, locks nothing)."""
         path = self.out / "experiment.yaml"
         now = {k: v for k, v in _flat(self.config).items() if k not in CELL_FIELDS}
+        if self._locked:
+            return
         if path.exists():
+            self._locked = True
             saved = yaml.safe_load(path.read_text()) or {}
             diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
             if diff:
                 raise ValueError(f"{self.out} holds a sweep run with other settings ({'; '.join(diff)}); use another "
                                  f"--out, or the same settings to continue it")
-        else:
+        elif write:
             atomic_write_bytes(path, yaml.safe_dump(now, sort_keys=True).encode())
+            self._locked = True
 
     def run_name(self, cell: Cell) -> str:
         """The run folder of a cell: cells whose training config is the same share it."""
@@ -182,7 +184,7 @@ class Sweep:
         return cfg
 
     def splits(self, name: str):
-        from .data import load_dataset
+        from ..data import load_dataset
         if name not in self._splits:
             self._splits[name] = load_dataset(name, self.config.data.root)
         return self._splits[name]
@@ -194,7 +196,7 @@ class Sweep:
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate cell ids: {sorted({i for i in ids if ids.count(i) > 1})}")
         self.out.mkdir(parents=True, exist_ok=True)
-        self.check_config()
+        self.check_config(write=False)
         results = []
         for i, cell in enumerate(cells, 1):
             t0 = time.perf_counter()
@@ -221,6 +223,8 @@ class Sweep:
         run = self.run_name(cell)
         run_dir = self.out / "runs" / run
         cached = {ev: _read_json(run_dir / "evals" / f"{ev.name}.json") for ev in cell.evals}
+        if all(v is not None for v in cached.values()):
+            self.check_config()                     # work of this sweep exists: lock its settings
         model, status = None, "evaluations reused"
         metrics = {}
         for ev in cell.evals:
@@ -230,7 +234,8 @@ class Sweep:
                 cached[ev] = self._evaluate(model, ev, cell)
                 atomic_write_bytes(run_dir / "evals" / f"{ev.name}.json", json.dumps(cached[ev], indent=1).encode())
         doc = {"format": CELL_FORMAT, "id": cell.id, "run": run, "dataset": cell.dataset, "subset": cell.subset,
-               "shots": cell.shots, "seed": cell.seed, "overrides": dict(cell.overrides), "meta": dict(cell.meta),
+               "shots": cell.shots, "seed": cell.seed, "overrides": {**self.overrides, **dict(cell.overrides)},
+               "meta": dict(cell.meta),
                "results": [cached[ev] for ev in cell.evals],
                "train": {"status": status, "metrics": {k: v for k, v in metrics.items()
                                                       if isinstance(v, (int, float))}},
@@ -240,8 +245,8 @@ class Sweep:
 
     def _trained(self, cell: Cell):
         """(model on self.device, status, last metrics): trains, resumes, or loads the finished run."""
-        from .checkpoint import load_prompt_state, read_checkpoint
-        from .data import fewshot_splits, subsample_classes
+        from ..train.checkpoint import load_prompt_state, read_checkpoint
+        from ..data import fewshot_subset
 
         cfg = self.cell_config(cell)
         last = Path(cfg.train.out) / "last.pt"
@@ -249,12 +254,10 @@ class Sweep:
         model = self.model_factory(cfg.model)
         if ckpt is not None and int(ckpt["epoch"]) >= cfg.train.epochs:
             load_prompt_state(model, ckpt, str(last))
+            self.check_config()
             return model.to(self.device).eval(), "trained earlier", dict(ckpt.get("metrics", {}))
-        splits = self.splits(cell.dataset)
-        if cell.shots > 0:
-            cache = splits.root if splits.root and os.access(splits.root, os.W_OK) else None
-            splits = fewshot_splits(splits, cell.shots, cell.seed, cache_dir=cache)
-        splits = subsample_classes(splits, cell.subset)
+        splits = fewshot_subset(self.splits(cell.dataset), cell.shots, cell.seed, cell.subset)
+        self.check_config()                         # the first cell starts work: lock the sweep's settings
         trainer = self.trainer_factory(cfg, model, splits.train, splits.classnames, template=splits.template,
                                        device=self.device, progress=self.progress, callbacks=list(self.callbacks))
         metrics = trainer.fit(resume=ckpt is not None)
@@ -262,8 +265,8 @@ class Sweep:
         return trainer.model.eval(), status, metrics
 
     def _evaluate(self, model, ev: Eval, cell: Cell) -> dict:
-        from .data import subsample_classes
-        from .evaluate import accuracy
+        from ..data import subsample_classes
+        from ..evaluation.metrics import accuracy
 
         part = subsample_classes(self.splits(ev.target), ev.subset)
         items, labels = list(part.test), None
@@ -283,7 +286,7 @@ class Sweep:
                 "n": res["n"]}
 
     def _oracle_labels(self, target: str, cell: Cell) -> dict:
-        from .labels import attributes_by_id, read_labels
+        from ..attributes.labels_file import attributes_by_id, read_labels
 
         path = self.cell_config(cell).data.labels
         if path and "{dataset}" in path:
@@ -307,5 +310,5 @@ def summary(results: Sequence[dict]) -> str:
         return f"acc {results[0]['acc']:.2f}"
     if subsets == ["base", "novel"]:
         b, n = results[0]["acc"], results[1]["acc"]
-        return f"base {b:.2f}  novel {n:.2f}  HM {0 if b + n == 0 else 2 * b * n / (b + n):.2f}"
+        return f"base {b:.2f}  novel {n:.2f}  HM {harmonic_mean(b, n):.2f}"
     return "  ".join(f"{r['target']} {r['acc']:.2f}" for r in results)

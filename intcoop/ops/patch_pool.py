@@ -57,7 +57,7 @@ class TorchPatchPool:
         return dqt, dz.to(z.dtype)
 
 
-dispatch.register_torch_backend("patch_pool", TorchPatchPool)
+dispatch.register_op("patch_pool", TorchPatchPool, inputs=("qt", "z"))
 
 
 @torch.library.custom_op("intcoop::patch_pool_fwd", mutates_args=())

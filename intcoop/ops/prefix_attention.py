@@ -10,7 +10,8 @@ Dh head dim):
     q       [B, Tq, H, Dh]  packed suffix queries; segment s holds rows cu_q[s]:cu_q[s+1]
     k, v    [B, Tk, H, Dh]  packed suffix keys/values; segment s holds rows cu_k[s]:cu_k[s+1]
     pk, pv  [B, P, H, Dh]   the image's prefix keys/values (P >= 1)
-    cu_q, cu_k [S+1] int32  segment offsets, the same for every image, on q's device; len_q(s) <= len_k(s)
+    cu_q, cu_k [S+1] int32  segment offsets, the same for every image, on q's device; len_q(s) <= len_k(s);
+                       cu[0] = 0, non-decreasing, cu_q[S] = Tq, cu_k[S] = Tk (checked: `segments.check_offsets`)
     out     [B, Tq, H, Dh]
     lse     [B, H, Tq] float32 (float64 for float64 inputs): natural log-sum-exp of the scaled scores of each query row
 A query at position i (0-based) of segment s sees every prefix key and the suffix keys j of its own segment
@@ -23,8 +24,9 @@ import torch
 
 from . import dispatch
 from .dispatch import lse_dtype
+from .segments import HostSegments, check_offsets, check_values_on_device
 
-__all__ = ["prefix_attention", "reference", "TorchPrefixAttention"]
+__all__ = ["prefix_attention", "reference", "TorchPrefixAttention", "HostSegments"]
 
 
 def reference(q, k, v, pk, pv, cu_q, cu_k, scale: float):
@@ -52,7 +54,7 @@ def reference(q, k, v, pk, pv, cu_q, cu_k, scale: float):
     return torch.stack(rows, 0)
 
 
-def _padded_index(cu: torch.Tensor, width: int):
+def padded_index(cu: torch.Tensor, width: int):
     """Row index [S, width] of each segment's positions in the packed layout, and its validity mask."""
     lens = cu[1:] - cu[:-1]
     pos = torch.arange(width, device=cu.device)
@@ -66,8 +68,8 @@ def _padded_probs(q, k, pk, cu_q, cu_k, max_q, max_k, scale):
 
     Returns (iq, vq, ik, vk, s) with s [B, H, S, max_q, P + max_k] float32 or wider, masked with -inf.
     """
-    iq, vq, lq = _padded_index(cu_q, max_q)
-    ik, vk, lk = _padded_index(cu_k, max_k)
+    iq, vq, lq = padded_index(cu_q, max_q)
+    ik, vk, lk = padded_index(cu_k, max_k)
     acc = torch.promote_types(q.dtype, torch.float32)
     qp = q[:, iq].to(acc)                                            # [B, S, mq, H, Dh]
     kp = k[:, ik].to(acc)                                            # [B, S, mk, H, Dh]
@@ -135,19 +137,23 @@ class TorchPrefixAttention:
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(pk.dtype), dpv.to(pv.dtype)
 
 
-dispatch.register_torch_backend("prefix_attention", TorchPrefixAttention)
+dispatch.register_op("prefix_attention", TorchPrefixAttention, inputs=("q", "k", "v", "pk", "pv"))
 
 
 @torch.library.custom_op("intcoop::prefix_attention_fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
-         cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, scale: float
+         cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, scale: float, validate: bool = True
          ) -> tuple[torch.Tensor, torch.Tensor]:
+    # validate: read cu_q / cu_k from the device and check them. The wrapper passes False once it has checked
+    # them (host copies, or eagerly); a compiled graph without host copies, or a direct call, checks here.
+    if validate:
+        check_values_on_device(q, k, cu_q, cu_k, max_q, max_k)
     impl = dispatch.choose("prefix_attention", q, k, v, pk, pv, head_dim=q.shape[-1])
     return impl.fwd(q, k, v, pk, pv, cu_q, cu_k, max_q, max_k, scale)
 
 
 @_fwd.register_fake
-def _fwd_fake(q, k, v, pk, pv, cu_q, cu_k, max_q, max_k, scale):
+def _fwd_fake(q, k, v, pk, pv, cu_q, cu_k, max_q, max_k, scale, validate=True):
     B, Tq, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=lse_dtype(q.dtype))
 
@@ -167,7 +173,7 @@ def _bwd_fake(dout, q, k, v, pk, pv, out, lse, cu_q, cu_k, max_q, max_k, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pk, pv, cu_q, cu_k, max_q, max_k, scale = inputs
+    q, k, v, pk, pv, cu_q, cu_k, max_q, max_k, scale, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, pk, pv, out, lse, cu_q, cu_k)
     ctx.args = (max_q, max_k, scale)
@@ -176,17 +182,41 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, pk, pv, out, lse, cu_q, cu_k = ctx.saved_tensors
     grads = _bwd(dout.contiguous(), q, k, v, pk, pv, out, lse, cu_q, cu_k, *ctx.args)
-    return (*grads, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def prefix_attention(q, k, v, pk, pv, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
-    """Prefix-shared causal attention over packed suffixes (see the module docstring). Returns out [B, Tq, H, Dh].
-
-    Differentiable in q, k, v, pk and pv; torch.compile sees one opaque op (no graph break).
-    """
+def _check_shapes(q, k, v, pk, pv) -> None:
+    if q.dim() != 4 or k.dim() != 4 or pk.dim() != 4 or v.shape != k.shape or pv.shape != pk.shape:
+        raise ValueError(f"prefix_attention wants q [B, Tq, H, Dh], k and v [B, Tk, H, Dh], pk and pv [B, P, H, Dh]; "
+                         f"got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}, pk {list(pk.shape)}, "
+                         f"pv {list(pv.shape)}")
+    if k.shape[0] != q.shape[0] or pk.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:] \
+            or pk.shape[2:] != q.shape[2:]:
+        raise ValueError(f"prefix_attention: q {list(q.shape)}, k {list(k.shape)} and pk {list(pk.shape)} must agree "
+                         f"in B (dim 0), H and Dh (dims 2, 3)")
     if pk.shape[1] < 1:
         raise ValueError("prefix_attention needs at least one prefix token (SOS), got P = 0")
-    return _fwd(q, k, v, pk, pv, cu_q, cu_k, int(max_q), int(max_k), float(scale))[0]
+
+
+def prefix_attention(q, k, v, pk, pv, cu_q, cu_k, max_q: int, max_k: int, scale: float, *,
+                     host_q=None, host_k=None) -> torch.Tensor:
+    """Prefix-shared causal attention over packed suffixes (see the module docstring). Returns out [B, Tq, H, Dh].
+
+    host_q, host_k: what the host knows of cu_q / cu_k (`HostSegments`, or sequences of segment lengths); with
+    both, the offsets are checked without reading them from the device. Without, they are copied to the host
+    and checked (a sync). A malformed offset, shape or max_q / max_k raises ValueError before any work.
+    Differentiable in q, k, v, pk and pv; torch.compile sees one opaque op (no graph break).
+    """
+    _check_shapes(q, k, v, pk, pv)
+    max_q, max_k = _size(max_q), _size(max_k)
+    checked = check_offsets(q, k, cu_q, cu_k, max_q, max_k, host_q, host_k)
+    return _fwd(q, k, v, pk, pv, cu_q, cu_k, max_q, max_k, float(scale), not checked)[0]
+
+
+def _size(n):
+    """int(n), except a symbolic size under torch.compile stays symbolic (int() would specialise the graph to
+    one class list's longest suffix: a recompile for every new list)."""
+    return n if isinstance(n, torch.SymInt) else int(n)

@@ -11,12 +11,17 @@ A checkpoint (`<out>/last.pt`, `<out>/best.pt`) is a dict of plain types and ten
                 numpy (MT19937 key as an int64 tensor + pos + gauss fields), python (version, 625 ints, gauss),
                 loader (the data loader's torch.Generator state)
     classnames  the N training class names; template: the hand-crafted prompt; metrics: the last epoch's
+    clip        what rebuilds or verifies the frozen CLIP (`clip_record`): name, pretrained (tag / file / None),
+                source (tag, file, random, instance), activation (quick_gelu / gelu), architecture (tower widths,
+                layers, patch and image size), dtype, fingerprint (`clip.fingerprint`: sha256 over its weights)
     versions    torch and intcoop versions
 Files are written atomically (`torch.save` into memory, then `config.atomic_write_bytes`).
 
 `check_compatible(saved_model_config, model, state)` raises CheckpointMismatchError naming the first field that
 differs (clip, pretrained, n_ctx, conditioning, heads, attribute slot, attr_tokens, attr_hidden, suffix) or the
-first parameter whose name or shape differs. `load_trained(path, clip=None)` rebuilds the IntCoOp.
+first parameter whose name or shape differs, then (`check_clip`) every way the CLIP differs from the one the
+checkpoint was trained on (architecture, activation, weights fingerprint). `load_trained(path, clip=None,
+pretrained=...)` rebuilds the IntCoOp: it reproduces the saved model's logits or raises CheckpointMismatchError.
 """
 from __future__ import annotations
 
@@ -30,11 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig, atomic_write_bytes
-from .model import IntCoOp
+from ..config import ModelConfig
+
+from .._io import atomic_write_bytes
+from ..model import IntCoOp
 
 __all__ = ["FORMAT", "CheckpointMismatchError", "save_checkpoint", "read_checkpoint", "check_compatible",
-           "load_prompt_state", "load_trained", "rng_state", "set_rng_state"]
+           "load_prompt_state", "load_trained", "rng_state", "set_rng_state", "clip_record", "check_clip"]
 
 FORMAT = "intcoop-checkpoint-v1"
 # ModelConfig fields that change what the learned parameters mean (ctx_init and seed only set initial values).
@@ -89,9 +96,11 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise CheckpointMismatchError(f"{path} is not a readable intcoop checkpoint "
-                                      f"({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:                      # torch's own text advises weights_only=False: never for this file
+        from ..clip_files import load_error
+        raise CheckpointMismatchError(f"{path} is not a readable intcoop checkpoint ({load_error(exc)}); it may be "
+                                      f"truncated or not a checkpoint: rerun the training or use another "
+                                      f"file") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointMismatchError(f"{path} is not an {FORMAT} checkpoint (format: {found!r})")
@@ -103,12 +112,19 @@ def _named(name) -> bool:
     return bool(name) and name != "custom"
 
 
-def check_compatible(saved: dict, model: IntCoOp, state: dict | None = None, where: str = "checkpoint") -> None:
-    """Raise CheckpointMismatchError when a checkpoint's model config / prompt state does not fit `model`."""
+def _base(name: str) -> str:
+    """The architecture of an open_clip name ("ViT-B-16-quickgelu" and "ViT-B-16" are one)."""
+    return name[:-len("-quickgelu")] if name.endswith("-quickgelu") else name
+
+
+def check_compatible(saved: dict, model: IntCoOp, state: dict | None = None, where: str = "checkpoint",
+                     names: bool = True) -> None:
+    """Raise CheckpointMismatchError when a checkpoint's model config / prompt state does not fit `model`.
+    names=False skips the clip name / pretrained comparison (`check_clip` then verifies the CLIP itself)."""
     have = dataclasses.asdict(model.config)
-    if _named(saved.get("clip")) and _named(have["clip"]):
+    if names and _named(saved.get("clip")) and _named(have["clip"]):
         for f in ("clip", "pretrained"):
-            if saved.get(f) != have[f]:
+            if (_base(saved.get(f) or "") != _base(have[f] or "")) if f == "clip" else saved.get(f) != have[f]:
                 raise CheckpointMismatchError(f"{where} was trained on model.{f}={saved.get(f)!r}; this model has "
                                               f"{f}={have[f]!r}")
     slot_saved, slot_have = saved.get("attributes") != "off", have["attributes"] != "off"
@@ -136,36 +152,102 @@ def check_compatible(saved: dict, model: IntCoOp, state: dict | None = None, whe
                                           f"model's is {tuple(v.shape)} (a different CLIP width?)")
 
 
+def _architecture(clip) -> dict:
+    v, t = clip.visual, clip.transformer
+    size = getattr(v, "image_size", None)
+    patch = getattr(v, "patch_size", None)
+    return {"embed_dim": int(clip.text_projection.shape[-1]), "text_width": int(clip.token_embedding.weight.shape[1]),
+            "text_layers": len(t.resblocks), "vision": type(v).__name__,
+            "vision_width": int(getattr(getattr(v, "conv1", None), "out_channels", 0) or 0),
+            "vision_layers": len(getattr(getattr(v, "transformer", None), "resblocks", ()) or ()),
+            "patch_size": list(patch) if isinstance(patch, (tuple, list)) else patch,
+            "image_size": list(size) if isinstance(size, (tuple, list)) else size}
+
+
+def clip_record(model: IntCoOp) -> dict:
+    """What the checkpoint needs to rebuild or verify `model`'s frozen CLIP (plain types; see the module doc)."""
+    from ..clip import activation_of, fingerprint
+    c = model.config
+    pre = c.pretrained
+    source = ("instance" if not _named(c.clip) else "random" if pre is None else
+              "file" if os.path.isfile(str(pre)) else "tag")
+    return {"name": c.clip, "pretrained": pre, "source": source, "activation": activation_of(model.clip),
+            "architecture": _architecture(model.clip), "dtype": str(model.dtype).replace("torch.", ""),
+            "fingerprint": fingerprint(model.clip)}
+
+
+def check_clip(saved: dict | None, model: IntCoOp, where: str = "checkpoint") -> None:
+    """Raise CheckpointMismatchError listing every way `model`'s CLIP differs from the recorded one (`clip_record`);
+    a checkpoint without a record (older files) is loaded with a warning that it cannot be verified."""
+    if not saved:
+        warnings.warn(f"{where} records no CLIP fingerprint (written by an older intcoop): the CLIP it is loaded "
+                      f"into cannot be verified")
+        return
+    have = clip_record(model)
+    diffs = []
+    for k in ("architecture", "activation", "dtype"):
+        if saved.get(k) is not None and saved[k] != have[k]:
+            if k == "architecture":
+                parts = [f"{f} {saved[k].get(f)!r} -> {have[k].get(f)!r}" for f in have[k]
+                         if saved[k].get(f) != have[k][f]]
+                diffs.append("architecture (" + ", ".join(parts) + ")")
+            else:
+                diffs.append(f"{k} {saved[k]} -> {have[k]}")
+    if saved.get("fingerprint") != have["fingerprint"]:
+        diffs.append(f"weights (fingerprint {str(saved.get('fingerprint'))[:12]} -> {have['fingerprint'][:12]})")
+    if diffs:
+        def who(r):
+            return f"{r['name']} (pretrained={r['pretrained']!r}, {r['source']})"
+        raise CheckpointMismatchError(
+            f"{where} was trained on another CLIP: it had {who(saved)}, this model has {who(have)}; differs in "
+            + "; ".join(diffs) + ". Its logits would not be reproduced: load it into the CLIP it was trained on")
+
+
 def load_prompt_state(model: IntCoOp, ckpt: dict, where: str = "checkpoint") -> None:
-    """Check, then copy the checkpoint's learned parameters into `model.prompt`."""
-    check_compatible(ckpt["config"]["model"], model, ckpt["prompt"], where)
+    """Check (config, prompt shapes, the CLIP itself), then copy the learned parameters into `model.prompt`."""
+    check_compatible(ckpt["config"]["model"], model, ckpt["prompt"], where, names=not ckpt.get("clip"))
+    check_clip(ckpt.get("clip"), model, where)
     model.prompt.load_state_dict(ckpt["prompt"])
 
 
-def load_trained(checkpoint_path: str | os.PathLike, clip=None, *, device=None) -> IntCoOp:
-    """An IntCoOp (eval mode) with the checkpoint's learned parameters.
+_UNSET = object()
 
-    clip: None builds the CLIP from the saved config's clip name and pretrained tag; or an open_clip model /
-    `backbone.Clip` / name to use instead (checked against the checkpoint: names, structure, shapes).
+
+def load_trained(checkpoint_path: str | os.PathLike, clip=None, *, pretrained=_UNSET, device=None) -> IntCoOp:
+    """An IntCoOp (eval mode) with the checkpoint's learned parameters, on the CLIP it was trained on.
+
+    clip: None rebuilds the CLIP from the checkpoint (its clip name and pretrained tag or file; random weights
+    from model.seed); a model name (with `pretrained`: a tag or file, default the checkpoint's); or an open_clip
+    model / `clip.Clip` to use. Every way is verified against the checkpoint's CLIP record (architecture,
+    activation, weights fingerprint): the result reproduces the saved logits, or CheckpointMismatchError says
+    what differs.
     """
     ckpt = read_checkpoint(checkpoint_path)
+    where = str(checkpoint_path)
     saved = dict(ckpt["config"]["model"])
+    rec = ckpt.get("clip") or {}
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     rest = {k: v for k, v in saved.items() if k in fields and k not in ("clip", "pretrained")}
-    if clip is None:
-        if not _named(saved.get("clip")):
-            raise CheckpointMismatchError(f"{checkpoint_path} was trained on a CLIP model instance (clip="
-                                          f"{saved.get('clip')!r}); pass the same model as clip=")
-        if saved.get("pretrained") is None:
-            warnings.warn(f"{checkpoint_path} was trained on {saved['clip']} with random weights (pretrained=None): "
-                          f"they are rebuilt from model.seed={saved.get('seed')}, as a run that built its model from "
-                          f"the config did (intcoop train, sweeps); if the run was given another instance, pass "
-                          f"it as clip=")
-        from .train_parts import build_model
-        model = build_model(ModelConfig(**{k: v for k, v in saved.items() if k in fields}))
+    if clip is None or isinstance(clip, str):
+        name = saved.get("clip") if clip is None else clip
+        if not _named(name):
+            raise CheckpointMismatchError(f"{where} was trained on a CLIP model instance (clip={name!r}); pass the "
+                                          f"same model as clip=")
+        if _named(saved.get("clip")) and _base(name) != _base(saved["clip"]):
+            raise CheckpointMismatchError(f"{where} was trained on model.clip={saved['clip']!r}; clip={name!r} is "
+                                          f"another architecture")
+        pre = saved.get("pretrained") if pretrained is _UNSET else pretrained
+        if pre is None and saved.get("pretrained") is None and not rec:
+            warnings.warn(f"{where} was trained on {name} with random weights (pretrained=None): they are rebuilt "
+                          f"from model.seed={saved.get('seed')}, as a run that built its model from the config did "
+                          f"(intcoop train, sweeps); if the run was given another instance, pass it as clip=")
+        from .inputs import build_model
+        model = build_model(ModelConfig(**{**rest, "clip": name, "pretrained": pre}))
     else:
+        if pretrained is not _UNSET:
+            raise TypeError("pretrained= goes with a model name (clip='ViT-B-16'), not with a model instance")
         model = IntCoOp.from_clip(clip, **rest)
-    load_prompt_state(model, ckpt, str(checkpoint_path))
+    load_prompt_state(model, ckpt, where)
     if device is not None:
         model = model.to(device)
     return model.eval()

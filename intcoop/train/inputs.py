@@ -1,63 +1,34 @@
-"""The pieces of a training run that `train.Trainer` puts together (kept apart so train.py stays readable).
+"""What a training run reads: the model, the training items and the attribute labels (`Trainer` puts them together).
 
-- `check_train_config(train_config)`: the train section's values, checked before anything is built.
-- `lr_factor(epoch, train_config)`: CoOp's schedule as a multiplier of lr, per epoch (warm-up, then cosine).
 - `build_model(model_config)`, `load_training_data(data_config, seed)`, `check_classes(classnames, items)`.
 - `IndexDataset(items)`: the loader's dataset when features are cached (indices, not images).
 - Attribute labels: `resolve_labels(labels, items)` (labels file or dict id -> word), `add_label_noise`,
   `attribute_data(trainer, model)` -> `AttributeData` (per item a row of the target table, once per word).
-- `StepModule`: the differentiable part of one step (prefix, fast text encoder, logits, objective), the module
-  that DDP wraps and torch.compile traces.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import random
 import warnings
 from typing import Mapping
 
 import torch
-from torch import nn
 
-from . import losses
-from .model import IntCoOp
+from ..model import IntCoOp
 
-__all__ = ["check_train_config", "lr_factor", "build_model", "IndexDataset", "TrainingData", "load_training_data",
-           "check_classes", "resolve_labels", "add_label_noise", "AttributeData", "attribute_data", "StepModule"]
+__all__ = ["build_model", "IndexDataset", "TrainingData", "load_training_data",
+           "check_classes", "resolve_labels", "add_label_noise", "AttributeData", "attribute_data"]
 
 log = logging.getLogger("intcoop.train")
-
-
-def check_train_config(tc) -> None:
-    """Raise ValueError naming the first train.* field with a value the trainer does not accept."""
-    if tc.attr_loss not in losses.ATTR_LOSSES:
-        raise ValueError(f"train.attr_loss must be one of {losses.ATTR_LOSSES}, got {tc.attr_loss!r}")
-    if tc.regulariser not in losses.REGULARISERS:
-        raise ValueError(f"train.regulariser must be one of {losses.REGULARISERS}, got {tc.regulariser!r}")
-    if tc.precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"train.precision must be auto, fp32 or bf16, got {tc.precision!r}")
-    if not 0 <= tc.label_noise <= 1:
-        raise ValueError(f"train.label_noise must be in [0, 1], got {tc.label_noise}")
-    if tc.epochs < 1 or tc.batch_size < 1 or tc.log_every < 1 or tc.warmup_epochs < 0:
-        raise ValueError("train.epochs, batch_size and log_every must be >= 1 and warmup_epochs >= 0")
-
-
-def lr_factor(epoch: int, tc) -> float:
-    """Multiplier of tc.lr in epoch `epoch` (0-based): warm-up at warmup_lr, then cosine over the remaining epochs."""
-    if epoch < tc.warmup_epochs:
-        return tc.warmup_lr / tc.lr if tc.lr else 0.0
-    t, T = epoch - tc.warmup_epochs, max(tc.epochs - tc.warmup_epochs, 1)
-    return 0.5 * (1 + math.cos(math.pi * t / T))
 
 
 def build_model(mc) -> IntCoOp:
     """The IntCoOp of a ModelConfig (CLIP from its clip name and pretrained tag). torch's global RNG is seeded with
     mc.seed before the CLIP is built (random weights when pretrained is None) and again before the prompt learner
     (its layers draw from it), then restored: the same config gives the same model (as `sweep` builds it)."""
-    from .backbone import load_clip
+    from ..clip import load_clip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mc.seed)
         clip = load_clip(mc.clip, mc.pretrained)
@@ -76,12 +47,8 @@ class TrainingData:
 def load_training_data(dc, seed: int) -> TrainingData:
     """config.data -> the training items: dataset, `shots` per class (drawn with the run seed, CoOp's cache file
     in the dataset folder when it is writable), then the `subsample` classes (CoOp's order)."""
-    from .data import fewshot_splits, load_dataset, subsample_classes
-    splits = load_dataset(dc.dataset, dc.root)
-    if dc.shots > 0:
-        cache = splits.root if splits.root and os.access(splits.root, os.W_OK) else None
-        splits = fewshot_splits(splits, dc.shots, seed, cache_dir=cache)
-    splits = subsample_classes(splits, dc.subsample)
+    from ..data import fewshot_subset, load_dataset
+    splits = fewshot_subset(load_dataset(dc.dataset, dc.root), dc.shots, seed, dc.subsample)
     return TrainingData(splits.train, splits.val, list(splits.classnames), splits.template)
 
 
@@ -127,7 +94,7 @@ def resolve_labels(labels, items) -> list[str | None] | None:
     if labels is None:
         return None
     if isinstance(labels, (str, os.PathLike)):
-        from .labels import attributes_by_id, read_labels
+        from ..attributes.labels_file import attributes_by_id, read_labels
         mapping = attributes_by_id(read_labels(labels))
     elif isinstance(labels, Mapping):
         mapping = {str(k): (v.get("attribute") if isinstance(v, Mapping) else v) for k, v in labels.items()}
@@ -192,7 +159,7 @@ def attribute_data(trainer, model: IntCoOp) -> AttributeData | None:
     if tc.label_noise:
         words, changed = add_label_noise(words, tc.label_noise, tc.seed)
         log.info("label_noise=%s: %d labels replaced", tc.label_noise, changed)
-    from .vocab import attribute_targets
+    from ..attributes.vocab import attribute_targets
     uniq = sorted({w for w in words if w is not None})
     tg = attribute_targets(uniq, model.clip, model.tokenizer)
     index = {w: i for i, w in enumerate(uniq) if bool(tg.valid[i])}
@@ -201,31 +168,3 @@ def attribute_data(trainer, model: IntCoOp) -> AttributeData | None:
         warnings.warn("no training image has a usable attribute label: the attribute loss is 0")
     words = [w if w in index else None for w in words]
     return AttributeData(words, row, tg.emb.to(trainer.device))
-
-
-class StepModule(nn.Module):
-    """The differentiable part of a step: forward(feats, tokens, labels, attr_target, attr_valid, attr_denom, hand)
-    -> {"loss", "ce", "attr", "reg", "correct"}. Its only submodule is the prompt learner (what DDP synchronises
-    and torch.compile traces with the frozen text tower); CLIP is referenced, not owned."""
-
-    def __init__(self, model: IntCoOp, suffixes, tc, use_attr: bool):
-        super().__init__()
-        self.prompt = model.prompt
-        object.__setattr__(self, "_model", model)
-        self.suffixes, self.tc = suffixes, tc
-        self.use_attr = use_attr and model.prompt.attr is not None and bool(tc.lambda_attr)
-        self.oracle = model.config.attributes == "oracle"
-
-    def forward(self, feats, tokens, labels, target, valid, denom, hand):
-        m, tc = self._model, self.tc
-        oracle = torch.where(valid[:, None], target, torch.full_like(target, float("nan"))) if self.oracle else None
-        prefix, pred = m.prompt_prefix(feats=feats, tokens=tokens, attr_targets=oracle, return_attrs=True)
-        text = m.text_features(prefix, self.suffixes)            # the fast encoder, suffixes tokenised once
-        logits = m.scores(feats, text)
-        parts = losses.objective(logits, labels, pred_attrs=pred if self.use_attr else None, attr_target=target,
-                                 attr_valid=valid, attr_denom=denom, text=text if hand is not None else None,
-                                 hand=hand, lambda_attr=tc.lambda_attr, lambda_reg=tc.lambda_reg,
-                                 attr_loss=tc.attr_loss)
-        parts["correct"] = (logits.detach().argmax(-1) == labels).sum()
-        return parts
-

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .text import TextTower, class_suffixes
+from ..text import TextTower, class_suffixes
 
 __all__ = ["cross_entropy", "attribute_loss", "regulariser_loss", "objective", "HandFeatures",
            "ATTRIBUTE_TEMPLATE", "ATTR_LOSSES", "REGULARISERS"]

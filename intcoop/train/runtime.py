@@ -2,7 +2,9 @@
 
 - Processes: `init_distributed()` (torchrun's environment -> gloo on CPU / nccl on GPU), `no_buffer_sync()` (the
   DDP keyword that turns off the per-forward buffer broadcast, across torch versions).
-- Precision: `autocast(precision, device)` (bf16 autocast for "bf16", or "auto" on GPU; fp32 otherwise).
+- Starting: `start_mode(out, resume, overwrite, ...)`: resume as asked; or by itself after an elastic restart
+  (TORCHELASTIC_RESTART_COUNT > 0) from a last.pt written by this torchrun job (`elastic_run_id()`, recorded in
+  every checkpoint); else refuse an out folder holding a run (`RunExistsError`) unless overwrite.
 - Metrics: `Window` (per-step loss parts between two metrics rows, on the device, reduced across ranks only when a
   row is written; finds the first non-finite step), the `metrics.csv` file (`METRIC_FIELDS`, `write_csv`,
   `read_csv`) and `tensorboard(folder)` (a SummaryWriter, or None when tensorboard does not import).
@@ -13,15 +15,14 @@ import csv
 import logging
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["METRIC_FIELDS", "init_distributed", "no_buffer_sync", "autocast", "Window", "tensorboard", "write_csv",
-           "read_csv"]
+__all__ = ["METRIC_FIELDS", "init_distributed", "no_buffer_sync", "Window", "tensorboard", "write_csv",
+           "read_csv", "RunExistsError", "start_mode", "elastic_run_id"]
 
 log = logging.getLogger("intcoop.train")
 METRIC_FIELDS = ("epoch", "step", "lr", "loss", "ce", "attr", "reg", "acc", "images_per_s", "val_acc")
@@ -37,8 +38,75 @@ def init_distributed():
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    store = _attempt_store(world)
+    if store is None:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world)
     return dist.get_world_size(), dist.get_rank(), local, True
+
+
+def _attempt_store(world: int):
+    """Under torchrun: the rendezvous store, prefixed with this job's id and restart count (None elsewhere).
+
+    torchrun's c10d rendezvous (--standalone) keeps ONE store server across elastic restarts and hands it to the
+    workers unprefixed, so a restarted rank can read the address a killed rank published in the previous attempt
+    and gloo's full-mesh connect fails ("Connection refused"); a per-attempt prefix gives every attempt fresh
+    keys. The store is a client of the agent's server when torchrun says it serves one, else rank 0 hosts it."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    addr, port, rank = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["RANK"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(addr, port, world, is_master=not agent and rank == 0, timeout=default_pg_timeout)
+    prefix = f"/intcoop/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}"
+    return dist.PrefixStore(prefix, store)
+
+
+class RunExistsError(ValueError):
+    """The output folder holds a run (last.pt / best.pt) and neither resume nor overwrite was asked for."""
+
+
+def elastic_run_id() -> str | None:
+    """torchrun's job id (the same across its elastic restarts), or None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+def start_mode(out: Path, resume: bool, overwrite: bool, epochs: int, is_main: bool) -> bool:
+    """Whether a run in `out` resumes: as asked; or by itself after an elastic restart of this torchrun job; else
+    an out folder holding a run is refused unless overwrite (its checkpoints are then deleted, by rank 0, so that
+    a restart of this job cannot take them for its own). Every rank decides alike (they read the same files)."""
+    from .checkpoint import read_checkpoint
+
+    last, best = out / "last.pt", out / "best.pt"
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not resume and restart > 0 and last.exists():
+        try:
+            ckpt = read_checkpoint(last)
+        except Exception:                                    # unreadable: not taken for this job's
+            ckpt = {}
+        if ckpt.get("elastic_run_id") is not None and ckpt["elastic_run_id"] == elastic_run_id():
+            import warnings
+            warnings.warn(f"elastic restart {restart} of torchrun job {elastic_run_id()}: resuming from {last} "
+                          f"(epoch {ckpt.get('epoch')} done)")
+            return True
+    if resume:
+        return True
+    held = [p for p in (last, best) if p.exists()]
+    if held and not overwrite:
+        try:
+            done = f"{read_checkpoint(last)['epoch']} of {epochs} epochs done"
+        except Exception:
+            done = "a checkpoint"
+        raise RunExistsError(f"{out} holds a run ({done}: {', '.join(p.name for p in held)}); pass --resume "
+                             f"(fit(resume=True)) to continue it, --overwrite (Trainer(overwrite=True)) to start "
+                             f"again, or another --out")
+    if held and is_main:
+        for p in held:
+            p.unlink(missing_ok=True)
+    return False
 
 
 def no_buffer_sync() -> dict:
@@ -47,13 +115,6 @@ def no_buffer_sync() -> dict:
     import inspect
     params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-
-
-def autocast(precision: str, device: torch.device):
-    """A fresh autocast context for `precision` on `device` (nullcontext for fp32)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 class Window:

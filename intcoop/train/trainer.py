@@ -1,10 +1,9 @@
 """Training: the `Trainer` class, one run's loop (setup, epochs, steps, metrics rows, validation, checkpoints, resume).
 
-Around it: `train_parts` (config checks, schedule, model / data / attribute-label pieces, the StepModule that is
-compiled and DDP-wrapped), `train_runtime` (distributed init, autocast, metrics window, CSV / TensorBoard),
-`checkpoint` (the checkpoint format), `train_cli` (configs and the `intcoop train` command line: `train_main`,
-`add_train_arguments`, `run_from_args`, `main`, `parse_overrides`, `resolve_config`, `CONFIG_DIR`, all re-exported
-here, so `python -m intcoop.train` and `from intcoop.train import train_main` work).
+Around it, in this room: `step` (config checks, schedule, the StepModule that is compiled and DDP-wrapped),
+`inputs` (model / data / attribute-label pieces), `runtime` (distributed init, autocast, metrics window, CSV /
+TensorBoard), `checkpoint` (the checkpoint format, `load_trained`), `losses`. The command line around it is
+`intcoop.cli.train`.
 
     Trainer(config, model=None, train_items=None, classnames=None, labels=None, *, template=None, ...).fit()
 
@@ -12,7 +11,8 @@ What a run does (METHOD.md objective, CoOp's recipe):
 - SGD (lr, momentum, weight decay) over the prompt learner's parameters only; CLIP stays frozen.
 - Schedule, stepped once per EPOCH: `warmup_epochs` at the constant `warmup_lr`, then cosine from `lr` over the
   remaining epochs: lr(e) = lr * (1 + cos(pi * (e - W) / (E - W))) / 2.
-- Precision "auto": bf16 autocast on GPU, fp32 on CPU ("bf16" / "fp32" force it). Losses are float32.
+- Precision (`step.step_precision`): a model stored in bf16 / fp16 (model.precision) trains in it; a float32 one
+  by train.precision, "auto": bf16 autocast on GPU, fp32 on CPU ("bf16" / "fp32" force it). Losses are float32.
 - `train.compile`: torch.compile around the step's forward (prompt learner, fast text encoder, logits, losses;
   AOTAutograd compiles its backward) and around validation's logits (`model.logits_function`); if compiling
   fails, a warning and the eager path. The text side is the
@@ -29,6 +29,8 @@ What a run does (METHOD.md objective, CoOp's recipe):
   would. Only rank 0 writes files.
 - Checkpoints (see `checkpoint.py`): `<out>/last.pt` after every epoch, atomically; `--resume` continues from it to
   the same parameters as an uninterrupted run (a crash mid-epoch restarts that epoch from its saved RNG state).
+  Under `torchrun --standalone --max-restarts N`, a restarted job resumes by itself from the last.pt it wrote; a
+  folder holding another run is refused without `--resume` or `--overwrite`.
   `<out>/best.pt` when validation items are given (best validation accuracy).
 - Progress bar (tqdm: loss, images/s); `<out>/metrics.csv` (epoch, step, lr, loss parts, acc, images/s, val_acc)
   every `log_every` steps and at each epoch's end, TensorBoard under `<out>/tb` when `torch.utils.tensorboard`
@@ -52,30 +54,29 @@ import torch.distributed as dist
 from torch import nn
 
 from . import losses
-from .backbone import image_size
-from .checkpoint import load_prompt_state, load_trained, read_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import RunConfig, save_config
-from .model import IntCoOp, logits_function
-from .train_cli import (CONFIG_DIR, add_train_arguments, main, parse_overrides, resolve_config, run_from_args,
-                        train_main)
-from .train_parts import AttributeData, StepModule, attribute_data, build_model, check_classes, load_training_data
-from .train_parts import IndexDataset as _IndexDataset
-from .train_parts import check_train_config as _check_train_config
-from .train_parts import lr_factor
-from .train_runtime import METRIC_FIELDS
-from .train_runtime import Window as _Window
-from .train_runtime import autocast as _autocast
-from .train_runtime import init_distributed as _init_distributed
-from .train_runtime import no_buffer_sync as _no_buffer_sync
-from .train_runtime import read_csv as _read_csv
-from .train_runtime import tensorboard as _tensorboard
-from .train_runtime import write_csv as _write_csv
+from ..clip import image_size
+from .checkpoint import clip_record, load_prompt_state, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..config import RunConfig, save_config
+from ..inference import autocast
+from ..model import IntCoOp
+from .inputs import AttributeData, IndexDataset, attribute_data, build_model, check_classes, load_training_data
+from .step import StepModule, check_train_config, lr_factor, step_precision
+from .runtime import METRIC_FIELDS, RunExistsError
+from .runtime import elastic_run_id as _elastic_run_id
+from .runtime import start_mode as _start_mode
+from .runtime import Window as _Window
+from .runtime import init_distributed as _init_distributed
+from .runtime import no_buffer_sync as _no_buffer_sync
+from .runtime import read_csv as _read_csv
+from .runtime import tensorboard as _tensorboard
+from .runtime import write_csv as _write_csv
 
-__all__ = ["Trainer", "train_main", "add_train_arguments", "run_from_args", "main", "parse_overrides",
-           "resolve_config", "CONFIG_DIR", "build_model", "load_trained"]
+__all__ = ["Trainer", "RunExistsError"]
 
 log = logging.getLogger(__name__)
 RESUME_IGNORED = {"out", "log_every", "compile"}   # train fields that may change on --resume
+
+
 
 
 class Trainer:
@@ -88,16 +89,21 @@ class Trainer:
     (default: the dataset's, else "a photo of a {}."). val_items: evaluated after each epoch (-> best.pt).
     progress: show a tqdm bar. callbacks: f(trainer, info) after every optimiser step (info: epoch, step,
     step_in_epoch, loss tensors); an exception raised there stops the run. compile_backend: torch.compile backend.
+    overwrite: start again in an out folder that holds a run (its last.pt / best.pt are deleted first); without it
+    `fit()` refuses such a folder (RunExistsError) unless resume=True, or unless this is an elastic restart of
+    the same torchrun job (TORCHELASTIC_RESTART_COUNT > 0 and last.pt written by this TORCHELASTIC_RUN_ID), which
+    resumes by itself.
     """
 
     def __init__(self, config: RunConfig | None = None, model: IntCoOp | None = None,
                  train_items: Sequence | None = None, classnames: Sequence[str] | None = None,
                  labels: str | os.PathLike | Mapping | None = None, *, template: str | None = None,
                  val_items: Sequence | None = None, device=None, progress: bool = True,
-                 callbacks: Sequence[Callable] = (), compile_backend: str = "inductor"):
+                 callbacks: Sequence[Callable] = (), compile_backend: str = "inductor", overwrite: bool = False):
         config = config or RunConfig()
         tc = config.train
-        _check_train_config(tc)
+        check_train_config(tc)
+        step_precision((model.config if model is not None else config.model).precision, tc.precision)
         if train_items is None:
             data = load_training_data(config.data, tc.seed)
             train_items, classnames = data.train, classnames or data.classnames
@@ -109,6 +115,7 @@ class Trainer:
         self.template = template or "a photo of a {}."
         self.labels, self.val_items = labels, list(val_items) if val_items else []
         self.progress, self.callbacks, self.compile_backend = progress, list(callbacks), compile_backend
+        self.overwrite = bool(overwrite)
         self.world, self.rank, self.local_rank, self._own_group = _init_distributed()
         if tc.batch_size % self.world:
             raise ValueError(f"train.batch_size {tc.batch_size} (the global batch) is not divisible by the "
@@ -118,9 +125,19 @@ class Trainer:
         self.device = torch.device(device)
         self.model = (model if model is not None else build_model(config.model)).to(self.device)
         self.config = dataclasses.replace(config, model=self.model.config)
+        self.precision = step_precision(self.model.config.precision, tc.precision)   # what autocast gets
         self.out = Path(tc.out)
         self.step, self.epoch = 0, 0
         self.metrics: dict = {}
+        self._clip_record: dict | None = None                # computed once (the CLIP is frozen)
+
+    @property
+    def clip_record(self) -> dict:
+        """The frozen CLIP's record (name, pretrained, activation, architecture, fingerprint): in every checkpoint
+        and, as a comment, in config.yaml."""
+        if self._clip_record is None:
+            self._clip_record = clip_record(self.model)
+        return self._clip_record
 
     # ------------------------------------------------------------------------------------------ setup
     @property
@@ -163,17 +180,21 @@ class Trainer:
         return tc.cache_features and not self.config.data.augment
 
     def _transform(self, train: bool):
-        from .data import clip_transforms
+        """CoOp's augmentation (train=True, with the model's mean / std), else the model's own preprocess: the
+        one that evaluation applies."""
+        if not train:
+            return self.model.preprocess
+        from ..data import clip_transforms
         cfg = getattr(self.model.clip.visual, "preprocess_cfg", None) or {}
         kw = {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
         return clip_transforms(image_size(self.model.clip)[0], train=train, **kw)
 
     def _make_loader(self):
-        from .data import ImageDataset, make_loader
+        from ..data import ImageDataset, make_loader
         tc, dc = self.config.train, self.config.data
         local = tc.batch_size // self.world
         if self._cache_on:
-            dataset = _IndexDataset(self.items)
+            dataset = IndexDataset(self.items)
             workers = 0
         else:
             dataset, workers = ImageDataset(self.items, self._transform(dc.augment)), dc.workers
@@ -183,14 +204,14 @@ class Trainer:
 
     @torch.no_grad()
     def _image_features(self, images: torch.Tensor):
-        with _autocast(self.config.train.precision, self.device):
+        with autocast(self.precision, self.device):
             return self.model.image_features(images.to(self.device, non_blocking=True))
 
     def _build_cache(self):
         """(feats [n, E], tokens [n, L, Wv] or None) of every training item, in item order, on the CPU."""
         from torch.utils.data import DataLoader
 
-        from .data import ImageDataset
+        from ..data import ImageDataset
         loader = DataLoader(ImageDataset(self.items, self._transform(False)), self.config.train.batch_size,
                             num_workers=self.config.data.workers)
         feats, tokens = [], []
@@ -204,12 +225,15 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         """Train for config.train.epochs epochs (from <out>/last.pt with resume=True). Returns the last metrics."""
         tc = self.config.train
+        resume = _start_mode(self.out, resume, self.overwrite, tc.epochs, self.is_main)   # before any work
         self._prepare()
         start = self._resume() if resume else 0
         if start == 0 and self.is_main:
-            if (self.out / "last.pt").exists():
-                warnings.warn(f"{self.out / 'last.pt'} exists and is overwritten (pass resume=True to continue)")
             save_config(self.config, self.out / "config.yaml")
+            r = self.clip_record
+            with open(self.out / "config.yaml", "a") as fh:
+                fh.write(f"# clip built: {r['name']} pretrained={r['pretrained']!r} ({r['source']}) activation="
+                         f"{r['activation']} dtype={r['dtype']} fingerprint={r['fingerprint']}\n")
             _write_csv(self.out / "metrics.csv", [])
         self._tb = _tensorboard(self.out / "tb") if self.is_main else None
         try:
@@ -286,7 +310,7 @@ class Trainer:
         for attempt in range(2):
             self.opt.zero_grad(set_to_none=True)
             try:
-                with _autocast(self.config.train.precision, self.device):
+                with autocast(self.precision, self.device):
                     parts = self._forward(*inputs)
                 parts["loss"].backward()
                 break
@@ -306,7 +330,7 @@ class Trainer:
             where = (f"at epoch {epoch + 1}, step {bad[0]} (loss {bad[1]:.4g}: ce {bad[2]:.4g}, attr {bad[3]:.4g}, "
                      f"reg {bad[4]:.4g})" if bad is not None else f"on another process, epoch {epoch + 1}")
             raise FloatingPointError(f"training stopped: non-finite loss {where}; lower train.lr, or check the "
-                                     f"inputs (precision={self.config.train.precision})")
+                                     f"inputs (precision={self.precision})")
         loss, ce, attr, reg, correct, images, steps, _ = sums
         row = {"epoch": epoch + 1, "step": self.step, "lr": self.opt.param_groups[0]["lr"], "loss": loss / steps,
                "ce": ce / steps, "attr": attr / steps, "reg": reg / steps, "acc": correct / max(images, 1),
@@ -326,30 +350,19 @@ class Trainer:
                 if isinstance(row.get(k), (int, float)):
                     self._tb.add_scalar(f"train/{k}", row[k], row["step"])
 
-    @torch.no_grad()
     def evaluate(self, items) -> float:
-        """Top-1 accuracy of the current model on `items` (labels index self.classnames). An oracle model is
-        evaluated with its predicted attributes here (`intcoop eval --labels` gives the oracle accuracy)."""
-        from .data import ImageDataset, make_loader
-        loader = make_loader(ImageDataset(items, self._transform(False)), self.config.train.batch_size,
-                             workers=self.config.data.workers)
-        suf, correct, m = self.model.suffixes(self.classnames), 0, self.model
-        logits_of = logits_function(self.compile_backend if self.config.train.compile else False)   # + compile
-        for x, y, _ in loader:
-            feats, tokens = self._image_features(x)
-            none = (torch.full((len(y), m.tower.width), float("nan"), device=self.device)
-                    if m.attributes_mode == "oracle" else None)
-            with _autocast(self.config.train.precision, self.device):
-                try:
-                    logits = logits_of(m, feats, tokens, suf, none)
-                except Exception as exc:                 # a compiler failure: as for the step, go on eagerly
-                    if logits_of is IntCoOp.logits_from_features:
-                        raise
-                    warnings.warn(f"compiled validation failed ({type(exc).__name__}: {exc}); evaluating eagerly")
-                    logits_of = IntCoOp.logits_from_features
-                    logits = logits_of(m, feats, tokens, suf, none)
-            correct += int((logits.argmax(-1).cpu() == y).sum())
-        return correct / max(len(items), 1)
+        """Top-1 accuracy (fraction) of the current model on `items` (labels index self.classnames), computed as
+        `intcoop eval` computes it (`evaluation.metrics.accuracy`: the model's preprocess, the one inference loop).
+        An oracle model is evaluated with its predicted attributes here (`intcoop eval --labels` gives the oracle
+        accuracy)."""
+        from ..evaluation.metrics import accuracy
+
+        compile = self.compile_backend if self.config.train.compile else False
+        labels = {} if self.model.attributes_mode == "oracle" else None     # {}: no label -> predicted attribute
+        res = accuracy(self.model, items, self.classnames, batch_size=self.config.train.batch_size,
+                       workers=self.config.data.workers, labels_by_id=labels, progress=False, compile=compile,
+                       precision=self.precision)
+        return res["acc"] / 100.0
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _payload(self, epochs_done: int) -> dict:
@@ -357,8 +370,9 @@ class Trainer:
                 "prompt": {k: v.cpu() for k, v in self.model.learnable_state_dict().items()},
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "epoch": epochs_done, "step": self.step, "rng": rng_state(self.loader.generator),
-                "classnames": list(self.classnames), "template": self.template,
+                "classnames": list(self.classnames), "template": self.template, "clip": self.clip_record,
                 "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))},
+                "elastic_run_id": _elastic_run_id(),
                 "versions": {"torch": str(torch.__version__), "intcoop": _version()}}
 
     def _resume(self) -> int:
@@ -388,9 +402,6 @@ class Trainer:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__
 
-
-if __name__ == "__main__":
-    main()

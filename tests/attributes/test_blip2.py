@@ -1,13 +1,14 @@
-"""intcoop.labels: answer parsing, the labels file, and labelling real photos with a tiny random BLIP-2."""
+"""intcoop.attributes (blip2, labels_file): answer parsing, the labels file, and labelling real photos with a
+tiny random BLIP-2."""
 import json
 import os
 
 import pytest
 from PIL import Image
 
-from intcoop.demo import build_tiny_blip2
-from intcoop.labels import (FIELDS, LabelsFileError, ModelUnavailableError, label_images, parse_answer,
-                            read_labels, write_labels)
+from intcoop.demo.run import build_tiny_blip2
+from intcoop.attributes.blip2 import ModelUnavailableError, label_images, parse_answer
+from intcoop.attributes.labels_file import FIELDS, LabelsFileError, read_labels, write_labels
 
 @pytest.fixture(scope="module")
 def tiny_blip2(tmp_path_factory):

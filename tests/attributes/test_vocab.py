@@ -1,4 +1,4 @@
-"""intcoop.vocab on a randomly initialised open_clip ViT-B-16 (real tokenizer, real BPE vocabulary)."""
+"""intcoop.attributes.vocab on a randomly initialised open_clip ViT-B-16 (real tokenizer, real BPE vocabulary)."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip is not installed")
 
-from intcoop.vocab import agreement, attribute_targets, decode, token_table  # noqa: E402
+from intcoop.attributes.vocab import agreement, attribute_targets, decode, token_table  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from intcoop.cli import main
-from intcoop.data.demo import build_demo_dataset
-from intcoop.demo import build_tiny_blip2, run_demo
+from intcoop.demo.data import build_demo_dataset
+from intcoop.demo.run import build_tiny_blip2
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,10 @@ def test_label_train_eval_logits(tree, tmp_path, capsys):
             "--set", "train.epochs=2", "--set", "train.batch_size=4", "--set", "train.warmup_epochs=0"]
     assert main(args) == 0
     assert (run / "last.pt").is_file() and (run / "metrics.csv").is_file() and (run / "config.yaml").is_file()
+    summary = capsys.readouterr().out
+    assert summary.startswith("trained:") and "epochs          2 (" in summary and "final loss" in summary
+    assert f"checkpoint      {run / 'last.pt'}" in summary and "wall time" in summary
+    assert "val accuracy    none" in summary
 
     out = tmp_path / "eval"
     assert main(["eval", "--checkpoint", str(run / "last.pt"), "--root", str(tree), "--subsample", "base2novel",
@@ -50,11 +54,23 @@ def test_label_train_eval_logits(tree, tmp_path, capsys):
     capsys.readouterr()
 
     image = next((tree / "test").rglob("*.jpg"))
-    assert main(["logits", str(image), "--checkpoint", str(run / "last.pt"), "--classes", "astronaut,coffee",
-                 "--top", "2"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result[0]["image"] == str(image) and len(result[0]["top"]) == 2
-    assert abs(sum(p for _, p in result[0]["top"]) - 1) < 1e-3
+    common = [str(image), str(image), "--checkpoint", str(run / "last.pt"), "--classes", "astronaut,coffee",
+              "--top", "2"]
+    assert main(["logits", *common, "--json", "--probs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2                                            # one JSON object per image
+    result = json.loads(lines[0])
+    assert result["image"] == str(image) and [set(t) for t in result["top"]] == [{"class", "probability"}] * 2
+    assert abs(sum(t["probability"] for t in result["top"]) - 1) < 1e-3
+    assert main(["logits", *common, "--json"]) == 0
+    logits = [t["logit"] for t in json.loads(capsys.readouterr().out.splitlines()[0])["top"]]
+    assert abs(sum(logits) - 1) > 1e-3 and logits[0] >= logits[1]      # raw logits, not probabilities
+    assert main(["logits", *common]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0].split() == ["image", "rank", "class", "logit"] and set(text[1]) <= {"-", " "}
+    assert text[2].split()[0] == str(image) and text[2].split()[1:3] == ["1", result["top"][0]["class"]]
+    assert text[3].split()[0] == "2" and len({len(line) for line in text[2:6]}) == 1     # aligned columns
+    assert float(text[2].split()[3]) == pytest.approx(logits[0], abs=1e-3)
 
 
 def test_user_errors_are_one_line_and_exit_2(tree, tmp_path, capsys):
@@ -67,12 +83,35 @@ def test_user_errors_are_one_line_and_exit_2(tree, tmp_path, capsys):
     assert "missing.png" in capsys.readouterr().err
 
 
-def test_demo_end_to_end(tmp_path):
-    rows = run_demo(tmp_path / "demo", clip="intcoop-tiny", classes=3, shots=4, epochs=2, test_per_class=3,
-                    progress=False)
-    assert [r["subset"] for r in rows] == ["all", "chance"]
-    assert rows[0]["n"] == 9 and 0 <= rows[0]["acc"] <= 100
+def test_demo_command(tmp_path, capsys):
+    """`intcoop demo` wiring (its accuracy margin and reproducibility: tests/demo/test_demo.py)."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--classes", "3", "--shots", "4", "--test-per-class", "3",
+                 "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "model                       test accuracy  images" in out and "chance (1 / classes)" in out
+    assert "Fashion-MNIST, 3 classes: train 12 images" in out and "test 9 (3 per class" in out
     assert (tmp_path / "demo" / "demo_results.md").is_file() and (tmp_path / "demo" / "train" / "last.pt").is_file()
-    again = run_demo(tmp_path / "demo", clip="intcoop-tiny", classes=3, shots=4, epochs=2, test_per_class=3,
-                     progress=False)                                   # a rerun reuses data, labels, checkpoint
-    assert again == rows
+
+
+def test_a_subcommand_whose_module_fails_to_import_says_so(monkeypatch, capsys):
+    """A broken import (here: the experiments room) neither hides `experiment` from the parser nor ends in a
+    traceback: using it prints the import error in one line, and the other commands are untouched."""
+    import builtins
+
+    import intcoop.cli.experiment as cli_experiment
+    from intcoop.cli import main
+
+    real_import = builtins.__import__
+
+    def broken(name, globals=None, locals=None, fromlist=(), level=0):
+        if "experiments.protocols" in name or (level and name == "experiments.protocols"):
+            raise ImportError("No module named 'matplotlib' (simulated)")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    monkeypatch.setattr(cli_experiment, "add_parser", lambda sub: __import__("intcoop.experiments.protocols"))
+    assert main(["experiment", "base2novel", "--root", "x", "--out", "y"]) == 1
+    err = capsys.readouterr().err
+    assert "intcoop experiment: error: cannot import" in err and "matplotlib' (simulated)" in err
+    assert "Traceback" not in err
+    assert main(["info"]) == 0

@@ -19,11 +19,13 @@ import torch
 from PIL import Image
 
 from intcoop.data import (CLIP_MEAN, CLIP_STD, DATASETS, DatasetLayoutError, FewShotCacheError, ImageDataset,
-                          ImageReadError, Item, Splits, TEMPLATES, clip_transforms, fewshot, fewshot_splits,
+                          Item, Splits, TEMPLATES, clip_transforms, fewshot, fewshot_splits,
                           load_dataset, make_loader, subsample_classes)
-from intcoop.data import demo, protocols
-from intcoop.data.demo import build_demo_dataset, photo, write_coop_layout
-from intcoop.data.demo_layouts import wnid
+from intcoop.data import protocols
+from intcoop.images import ImageInputError, to_batch
+from intcoop.demo import data as demo
+from intcoop.demo.data import build_demo_dataset, photo, write_coop_layout
+from intcoop.demo.layouts import wnid
 from intcoop.data.imagenet_subsets import IMAGENET_A_IN1K, IMAGENET_R_IN1K
 
 N_CLASSES, PER_CLASS, VAL_PER_CLASS, TEST_PER_CLASS = 5, 6, 2, 3
@@ -509,10 +511,23 @@ def test_unreadable_and_missing_images_name_the_path(tmp_path):
     missing = tmp_path / "gone.jpg"
     for path in (bad, missing):
         ds = ImageDataset([Item(str(path), 0, "x")])
-        with pytest.raises(ImageReadError, match=str(path)):
+        with pytest.raises(ImageInputError, match=str(path)):
             ds[0]
-        with pytest.raises(ImageReadError, match=str(path)):
+        with pytest.raises(ImageInputError, match=str(path)):
             next(iter(make_loader(ds, 1)))
+
+
+def test_16_bit_image_is_treated_alike_by_every_reader(tmp_path):
+    """One image loader: a 16-bit grey image (a measurement, not light) is refused by the training / evaluation
+    reader and by the API's reader with the same message, instead of being squashed to 0/255 RGB in one of them."""
+    path = tmp_path / "depth.png"
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).save(path)
+    assert Image.open(path).mode.startswith("I")
+    with pytest.raises(ImageInputError) as from_dataset:
+        ImageDataset([Item(str(path), 0, "x")])[0]
+    with pytest.raises(ImageInputError) as from_api:
+        to_batch([str(path)], clip_transforms(32), (32, 32))
+    assert str(from_dataset.value) == str(from_api.value) and "mode" in str(from_api.value)
 
 
 def batches(loader):

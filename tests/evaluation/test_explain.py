@@ -1,4 +1,4 @@
-"""intcoop.explain / intcoop.report: explain() results against independent computations, the rendered PNG and
+"""intcoop.evaluation.explain / report: explain() results against independent computations, the rendered PNG and
 HTML, the JSON, attribute_quality on a hand-made case, and the CLI end to end (tiny CLIP; real photos)."""
 import base64
 import copy
@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import intcoop
-from intcoop.explain import attribute_quality, explain, write_report
+from intcoop.evaluation.explain import attribute_quality, explain
+from intcoop.evaluation.report import write_report
 from intcoop.images import ImageInputError, to_batch
-from intcoop.report import overlay
+from intcoop.evaluation.report import overlay
 from intcoop.testing import assert_close, perturb_prompt
-from intcoop.vocab import decode, token_table
+from intcoop.attributes.vocab import decode, token_table
 
 NAMES = ["cat", "astronaut", "coffee", "rocket", "crane", "crane", "flower"]
 
@@ -311,7 +312,7 @@ def test_attribute_quality_hand_made(model, files, tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(clip_b16, tmp_path_factory):
     """A checkpoint of an IntCoOp on ViT-B-16 (random weights: pretrained=None) that load_trained can rebuild."""
-    from intcoop.checkpoint import save_checkpoint
+    from intcoop.train.checkpoint import save_checkpoint
     from intcoop.config import RunConfig
 
     m = _sharpen(intcoop.IntCoOp.from_clip(clip_b16))
@@ -323,7 +324,7 @@ def checkpoint(clip_b16, tmp_path_factory):
 
 def test_cli_explain_end_to_end(checkpoint, files, tmp_path, capsys):
     from intcoop.cli import main
-    from intcoop.labels import write_labels
+    from intcoop.attributes.labels_file import write_labels
 
     labels = tmp_path / "labels.jsonl"
     write_labels(labels, [{"id": "sub/cat.png", "class": "cat", "answer": "Orange", "attribute": "orange",
@@ -343,22 +344,53 @@ def test_cli_explain_end_to_end(checkpoint, files, tmp_path, capsys):
     assert rc == 2 and "--top must be" in capsys.readouterr().err
 
 
-def test_cli_explain_zero_shot_says_no_attributes(clip_tiny, files, tmp_path, capsys, monkeypatch):
-    """Without --checkpoint: the default zero-shot model (no attribute slot), here a tiny stand-in."""
-    import intcoop.api
-
-    monkeypatch.setattr(intcoop.api, "default_model",
-                        lambda: intcoop.IntCoOp.from_clip(clip_tiny, attributes="off").eval())
+def test_cli_explain_zero_shot_says_no_attributes(clip_tiny, files, tmp_path, capsys):
+    """Without --checkpoint: CLIP zero-shot (no attribute slot) on --clip / --pretrained, offline."""
     from intcoop.cli import main
 
-    assert main(["explain", files[0], "--classes", "cat,dog", "--out", str(tmp_path)]) == 0
+    assert main(["explain", files[0], "--classes", "cat,dog", "--out", str(tmp_path), "--clip", "intcoop-tiny",
+                 "--pretrained", "none"]) == 0
     text = capsys.readouterr().out
     assert "attribute: none (no attribute slot)" in text and "note: no attribute words" in text
+    assert "note: the CLIP (intcoop-tiny) has random weights" in text
+
+
+def _with_maps(results, maps):
+    out = copy.deepcopy(results[:len(maps)])
+    for r, m in zip(out, maps):
+        r["attention"]["maps"] = [m.tolist()] * len(r["attention"]["maps"])
+    return out
+
+
+def test_report_draws_attention_on_one_scale_relative_to_uniform(results, files):
+    from intcoop.evaluation.report import _pictures, attention_scale, display_images, legend
+
+    gh, gw = results[0]["attention"]["grid"]
+    L = gh * gw + 1
+    uniform = np.full((gh, gw), 1.0 / L)
+    picture = display_images(files[:1])[0]
+    flat = _with_maps(results, [uniform])
+    assert attention_scale(flat) == 2.0                                # nothing above uniform: the floor
+    for caption, pic in _pictures(flat[0], picture, attention_scale(flat))[1:]:
+        assert caption.startswith("v") and "max 1.00x uniform" in caption
+        assert np.array_equal(pic, picture)                             # uniform attention: no colour at all
+    assert f"1/L = 1/{L}" in legend(flat) and "full colour at 2.00x" in legend(flat)
+    mild = uniform.copy()
+    mild[0, 0] *= 1.5                                                   # 1.5x uniform at one patch
+    sharp = uniform.copy()
+    sharp[0, 0] *= 8.0
+    both = _with_maps(results, [mild, sharp])
+    top = attention_scale(both)
+    assert top == pytest.approx(8.0, rel=1e-5)
+    alone = _pictures(_with_maps(results, [mild])[0], picture, attention_scale(_with_maps(results, [mild])))[1][1]
+    shared = _pictures(both[0], picture, top)[1][1]
+    change = lambda pic: np.abs(pic.astype(int) - picture.astype(int)).sum()
+    assert 0 < change(shared) < change(alone)                           # the mild map looks mild beside the sharp
 
 
 def test_cli_attributes(checkpoint, photos, tmp_path, capsys):
     from intcoop.cli import main
-    from intcoop.labels import write_labels
+    from intcoop.attributes.labels_file import write_labels
 
     root = tmp_path / "data"
     recs = []

@@ -111,14 +111,15 @@ def check_prefix_dispatched(name, dtype, device, backend, monkeypatch):
 
 
 # ---------------------------------------------------------------- CPU (C++ / OpenMP)
+CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]   # half types: float32 accumulation
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_cpu_prefix_attention_direct(name, dtype):
     check_prefix_direct(name, dtype, "cpu")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_cpu_prefix_attention_dispatched(name, dtype, monkeypatch):
     check_prefix_dispatched(name, dtype, "cpu", "cpp", monkeypatch)
@@ -147,7 +148,8 @@ def _at(i, f):
 
 # (id, change to the fwd arguments, the error's text naming the argument, whether it also shows a shape)
 MUTATIONS = [
-    ("q_dtype", lambda a: tuple(t.half() for t in a[:5]) + a[5:], "q must be float32 or float64", True),
+    ("q_dtype", lambda a: tuple(t.int() for t in a[:5]) + a[5:], "q must be float32, float64, bfloat16 or float16",
+     True),
     ("k_dtype", _at(1, lambda k: k.double()), "k must have the dtype of q", True),
     ("q_rank", _at(0, lambda q: q[0]), "q must have 4 dimensions", True),
     ("k_batch", _at(1, lambda k: torch.cat([k, k[:1]])), r"k\.shape\[0\] \(B", True),
@@ -298,7 +300,7 @@ def emulated():
     """torch.ops.intcoop_emu: the CUDA kernels and launchers of csrc/cuda compiled for the CPU emulation."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler for the CUDA emulation")
-    path = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "emu" / "emulate.py"
+    path = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "emu" / "emulate.py"
     spec = importlib.util.spec_from_file_location("intcoop_cuda_emulation", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

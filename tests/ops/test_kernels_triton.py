@@ -203,7 +203,7 @@ def test_patch_pool_through_dispatcher(dtype, device, monkeypatch):
 # The interpreter accepts code that the compiler rejects (e.g. a loop-carried tensor whose shape changes), so
 # scripts/kernel_resources.py compiles every kernel for sm_90 with the launchers' own configs (tiles, warps, stages)
 # in a fresh process without TRITON_INTERPRET, and runs ptxas -v on each: none may fail to compile or spill.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_kernels_compile_for_sm90_without_spills():

@@ -1,11 +1,11 @@
-"""The training objective (intcoop.losses) against hand computations, and the frozen hand-crafted text features."""
+"""The training objective (intcoop.train.losses) against hand computations, and the frozen hand-crafted text features."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from intcoop import losses
+from intcoop.train import losses
 
 G = torch.Generator().manual_seed(0)
 

@@ -1,4 +1,4 @@
-"""Training (intcoop.train, train_parts, checkpoint): learning on real photos, resume after a crash = uninterrupted,
+"""Training (intcoop.train: trainer, step, inputs, checkpoint): learning on real photos, resume after a crash = uninterrupted,
 DDP (gloo, 2 processes under torchrun) = one process, feature cache = no cache, torch.compile, checkpoints.
 
 The tiny CLIP of conftest (random weights, 32 px) and small datasets of real photographs (intcoop.data.demo,
@@ -16,16 +16,19 @@ import pytest
 import torch
 
 import intcoop
-from intcoop import train as train_mod
-from intcoop.checkpoint import CheckpointMismatchError, check_compatible, load_trained, read_checkpoint
+from intcoop import config as config_mod
+from intcoop.train import trainer as trainer_mod
+from intcoop.train.checkpoint import CheckpointMismatchError, check_compatible, load_trained, read_checkpoint
 from intcoop.config import DataConfig, RunConfig, TrainConfig, load_config, save_config
 from intcoop.data import ImageDataset, clip_transforms, load_dataset
-from intcoop.data.demo import build_demo_dataset
-from intcoop.labels import write_labels
-from intcoop.train import Trainer, train_main
-from intcoop.train_parts import add_label_noise, lr_factor
+from intcoop.demo.data import build_demo_dataset
+from intcoop.attributes.labels_file import write_labels
+from intcoop.cli.train import train_main
+from intcoop.train.trainer import Trainer
+from intcoop.train.inputs import add_label_noise
+from intcoop.train.step import check_train_config, lr_factor
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]   # tests/, where conftest.py lives
 WORDS = ["red", "green", None, "blue", "shiny", "striped"]
 
 
@@ -139,7 +142,7 @@ def test_resume_after_crash_mid_epoch_equals_uninterrupted(tmp_path, clip_tiny, 
 
 
 def test_cli_run_killed_then_resumed_equals_uninterrupted(tmp_path, small):
-    """A real process (`python -m intcoop.train`) SIGKILLed at some point after its second epoch's checkpoint,
+    """A real process (`python -m intcoop train`) SIGKILLed at some point after its second epoch's checkpoint,
     then `--resume`d, ends bit-identical to an uninterrupted run (model and 4-shot data built from the config)."""
     import signal
     import time
@@ -152,7 +155,7 @@ def test_cli_run_killed_then_resumed_equals_uninterrupted(tmp_path, small):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def cli(out, *extra):
-        return [sys.executable, "-m", "intcoop.train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out),
+        return [sys.executable, "-m", "intcoop", "train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out),
                 "--no-progress", *extra]
     subprocess.run(cli(tmp_path / "a"), check=True, env=env, capture_output=True, timeout=300)
     proc = subprocess.Popen(cli(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -169,6 +172,75 @@ def test_cli_run_killed_then_resumed_equals_uninterrupted(tmp_path, small):
     subprocess.run(cli(tmp_path / "b", "--resume"), check=True, env=env, capture_output=True, timeout=300)
     a, b = read_checkpoint(tmp_path / "a" / "last.pt"), read_checkpoint(last)
     assert a["epoch"] == b["epoch"] == 40 and a["step"] == b["step"]
+    _same(a["prompt"], b["prompt"])
+    rows = [(tmp_path / d / "metrics.csv").read_text().splitlines() for d in "ab"]
+    strip = [[",".join(r.split(",")[:8]) for r in rs] for rs in rows]     # images/s differs, the rest must not
+    assert strip[0] == strip[1]
+
+
+def _children_with_rank(pid: int, rank: int) -> list[int]:
+    """PIDs of `pid`'s child processes whose environment has RANK=rank (torchrun's workers)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and f"RANK={rank}".encode() in env:
+            found.append(int(d.name))
+    return found
+
+
+def test_torchrun_rank_killed_restarts_and_resumes_to_the_uninterrupted_run(tmp_path, small):
+    """The README's launch (`torchrun --standalone --nproc_per_node 2 -m intcoop train`) with --max-restarts 1:
+    rank 1 SIGKILLed after the second epoch's checkpoint; torchrun restarts both workers, the trainer resumes by
+    itself from the job's last.pt, and the run ends bit-identical to the same launch left alone."""
+    import signal
+    import time
+
+    from intcoop.config import ModelConfig
+    epochs = 40
+    cfg = RunConfig(model=ModelConfig(clip="intcoop-tiny", pretrained=None),
+                    data=DataConfig(dataset="imagefolder", root=small.root, shots=4, augment=True, workers=0),
+                    train=TrainConfig(epochs=epochs, batch_size=8, lr=0.01, seed=3, log_every=2))
+    save_config(cfg, tmp_path / "cfg.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(out):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "--max-restarts", "1", "-m", "intcoop", "train", "--config",
+                                 str(tmp_path / "cfg.yaml"), "--out", str(out), "--no-progress"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    alone = launch(tmp_path / "a")                  # one job at a time: two jobs' gloo meshes must not meet
+    try:
+        out_a, _ = alone.communicate(timeout=90)
+    finally:
+        if alone.poll() is None:
+            alone.kill()
+    assert alone.returncode == 0, out_a[-3000:]
+    killed = launch(tmp_path / "b")
+    try:
+        last, deadline = tmp_path / "b" / "last.pt", time.monotonic() + 90
+        while time.monotonic() < deadline and killed.poll() is None:
+            if last.exists() and read_checkpoint(last)["epoch"] >= 2:
+                break
+            time.sleep(0.01)
+        victims = _children_with_rank(killed.pid, 1)
+        assert killed.poll() is None and len(victims) == 1, "the run ended (or has no rank 1) before the kill"
+        os.kill(victims[0], signal.SIGKILL)
+        killed_at = read_checkpoint(last)["epoch"]
+        out_b, _ = killed.communicate(timeout=120)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    assert killed.returncode == 0, out_b[-3000:]
+    assert 2 <= killed_at < epochs
+    assert "elastic restart 1 of torchrun job" in out_b and "resuming from" in out_b, out_b[-3000:]
+    a, b = read_checkpoint(tmp_path / "a" / "last.pt"), read_checkpoint(last)
+    assert a["epoch"] == b["epoch"] == epochs and a["step"] == b["step"]
     _same(a["prompt"], b["prompt"])
     rows = [(tmp_path / d / "metrics.csv").read_text().splitlines() for d in "ab"]
     strip = [[",".join(r.split(",")[:8]) for r in rs] for rs in rows]     # images/s differs, the rest must not
@@ -198,16 +270,17 @@ sys.path.insert(0, {tests!r})
 import torch
 from conftest import tiny_clip
 import intcoop
-from intcoop import train
-from intcoop.backbone import load_clip
+from intcoop.train import trainer
+from intcoop.cli.train import main
+from intcoop.clip import load_clip
 
 def tiny_model(mc):
     clip = load_clip(tiny_clip())
     torch.manual_seed(0)
     return intcoop.IntCoOp.from_clip(clip)
 
-train.build_model = tiny_model
-train.main(sys.argv[1:])
+trainer.build_model = tiny_model
+main(sys.argv[1:])
 """
 
 
@@ -234,7 +307,7 @@ def test_ddp_gloo_two_processes_equals_one_process(tmp_path, small, small_labels
     rows = (tmp_path / "ddp" / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 6                                      # rank 0 alone writes
     # the same run in one process, through train_main
-    monkeypatch.setattr(train_mod, "build_model", lambda mc: _model(clip_tiny))
+    monkeypatch.setattr(trainer_mod, "build_model", lambda mc: _model(clip_tiny))
     train_main(tmp_path / "cfg.yaml", ["train.out=" + str(tmp_path / "one")], progress=False)
     one = read_checkpoint(tmp_path / "one" / "last.pt")
     for k, v in one["prompt"].items():
@@ -248,10 +321,10 @@ sys.path.insert(0, {tests!r})
 import torch
 from conftest import tiny_clip
 import intcoop
-from intcoop.backbone import load_clip
+from intcoop.clip import load_clip
 from intcoop.config import load_config
 from intcoop.data import load_dataset
-from intcoop.train import Trainer
+from intcoop.train.trainer import Trainer
 
 clip = load_clip(tiny_clip())
 torch.manual_seed(0)
@@ -302,7 +375,7 @@ def test_bf16_autocast_tracks_fp32(tmp_path, clip_tiny, small, small_labels):
 def test_oracle_passes_label_targets_to_the_prompt(tmp_path, clip_tiny, small, small_labels, monkeypatch):
     """attributes='oracle': each image's BLIP-2 word embedding (NaN row when unlabelled) reaches prompt_prefix;
     validation runs with the predicted attributes."""
-    from intcoop.vocab import attribute_targets
+    from intcoop.attributes.vocab import attribute_targets
     model = _model(clip_tiny, attributes="oracle")
     seen = []
     original = model.prompt_prefix
@@ -388,8 +461,7 @@ def test_load_trained_rebuilds_a_config_built_random_clip(tmp_path, small):
                               model=ModelConfig(clip="intcoop-tiny", pretrained=None, seed=5))
     trainer = Trainer(cfg, None, small.train, small.classnames, progress=False)
     trainer.fit()
-    with pytest.warns(UserWarning, match="random weights .* rebuilt from model.seed=5"):
-        again = load_trained(tmp_path / "last.pt")
+    again = load_trained(tmp_path / "last.pt")             # rebuilt from model.seed=5 and verified (fingerprint)
     x, _ = _images(small.test)
     torch.testing.assert_close(intcoop.fast_logits(x, small.classnames, again),
                                intcoop.fast_logits(x, small.classnames, trainer.model), rtol=0, atol=0)
@@ -406,7 +478,7 @@ def test_checkpoint_mismatch_names_the_field(trained, clip_tiny, change, field):
 
 
 def _load_into(path, model):
-    from intcoop.checkpoint import load_prompt_state
+    from intcoop.train.checkpoint import load_prompt_state
     load_prompt_state(model, read_checkpoint(path), str(path))
 
 
@@ -424,7 +496,7 @@ def test_checkpoint_mismatch_clip_name_and_shapes(trained, clip_tiny):
     import open_clip                                                # another CLIP text width: the shapes differ
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    from intcoop.backbone import load_clip
+    from intcoop.clip import load_clip
     wide = open_clip.model.CLIP(embed_dim=48, vision_cfg=CLIPVisionCfg(layers=1, width=64, head_width=32,
                                 patch_size=8, image_size=32),
                                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=96, heads=4, layers=1))
@@ -451,10 +523,59 @@ def test_checks_before_work(tmp_path, clip_tiny, small, small_labels):
     with pytest.warns(UserWarning, match="1 of .* label id.* not training items"):
         Trainer(_cfg(tmp_path, epochs=1), model, small.train, small.classnames, stray, progress=False).fit()
     with pytest.raises(ValueError, match="oracle.*needs labels"):
-        Trainer(_cfg(tmp_path), _model(clip_tiny, attributes="oracle"), small.train, small.classnames,
+        Trainer(_cfg(tmp_path / "oracle"), _model(clip_tiny, attributes="oracle"), small.train, small.classnames,
                 progress=False).fit()
     with pytest.raises(ValueError, match="regulariser"):
         Trainer(_cfg(tmp_path, regulariser="kg"), model, small.train, small.classnames)
+
+
+def test_rerun_refuses_to_overwrite_a_run_unless_told(tmp_path, clip_tiny, small, monkeypatch):
+    """A finished (or interrupted) run's folder: a rerun without resume is refused before any work; overwrite=True
+    deletes its checkpoints and starts again; under torchrun a restart resumes only from its own job's last.pt."""
+    from intcoop.train.trainer import RunExistsError
+    cfg = _cfg(tmp_path, epochs=2, regulariser="off")
+    first = Trainer(cfg, _model(clip_tiny), small.train, small.classnames, progress=False)
+    first.fit()
+    before = (tmp_path / "last.pt").read_bytes()
+    steps = []
+    again = Trainer(cfg, _model(clip_tiny), small.train, small.classnames, progress=False,
+                    callbacks=[lambda t, info: steps.append(info["step"])])
+    monkeypatch.setattr(again, "_prepare", lambda: pytest.fail("work started before the refusal"))
+    with pytest.raises(RunExistsError, match=r"holds a run \(2 of 2 epochs done: last\.pt\).*--resume.*--overwrite"):
+        again.fit()
+    assert (tmp_path / "last.pt").read_bytes() == before and not steps
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")            # a restart of ANOTHER torchrun job: refused
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another-job")
+    with pytest.raises(RunExistsError):
+        Trainer(cfg, _model(clip_tiny), small.train, small.classnames, progress=False).fit()
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    third = Trainer(cfg, _model(clip_tiny), small.train, small.classnames, progress=False, overwrite=True,
+                    callbacks=[lambda t, info: steps.append(info["step"])])
+    third.fit()
+    assert steps[0] == 1 and read_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    _same(third.model.learnable_state_dict(), first.model.learnable_state_dict())   # started again, from scratch
+
+
+def test_cli_train_refuses_a_rerun_unless_overwrite(tmp_path, small, capsys):
+    """`intcoop train` twice into one --out: the second exits 2 with one line naming --resume and --overwrite;
+    with --overwrite it trains again."""
+    from intcoop.cli import main
+    from intcoop.config import ModelConfig
+    cfg = RunConfig(model=ModelConfig(clip="intcoop-tiny", pretrained=None),
+                    data=DataConfig(dataset="imagefolder", root=small.root, shots=2, augment=False, workers=0),
+                    train=TrainConfig(epochs=1, batch_size=4, seed=3, regulariser="off"))
+    save_config(cfg, tmp_path / "cfg.yaml")
+    argv = ["train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 0
+    first = (tmp_path / "run" / "last.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds a run (1 of 1 epochs done" in err and "--resume" in err and "--overwrite" in err
+    assert (tmp_path / "run" / "last.pt").stat().st_mtime_ns == first
+    assert main(argv + ["--overwrite"]) == 0
+    assert (tmp_path / "run" / "last.pt").stat().st_mtime_ns != first
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path, clip_tiny, small):
@@ -491,7 +612,7 @@ def test_schedule_metrics_progress_validation(tmp_path, clip_tiny, small, monkey
     assert lrs[2:] == pytest.approx([0.002 * (1 + torch.cos(torch.tensor(torch.pi * t / 4)).item()) / 2
                                      for t in (1, 2, 3)])
     board = _Board()
-    monkeypatch.setattr(train_mod, "_tensorboard", lambda folder: board)
+    monkeypatch.setattr(trainer_mod, "_tensorboard", lambda folder: board)
     model = _model(clip_tiny, attributes="off")
     cfg = _cfg(tmp_path, epochs=5, batch_size=24, lr=0.002, warmup_epochs=1, warmup_lr=1e-5, regulariser="off")
     metrics = Trainer(cfg, model, small.train, small.classnames, progress=True, val_items=small.val).fit()
@@ -520,16 +641,16 @@ def test_label_noise_is_seeded_and_changes_the_fraction():
 
 
 def test_shipped_configs_load():
-    names = sorted(p.stem for p in train_mod.CONFIG_DIR.glob("*.yaml"))
+    names = sorted(p.stem for p in config_mod.CONFIG_DIR.glob("*.yaml"))
     assert {"intcoop", "coop", "cocoop", "kgcoop", "demo_cpu"} <= set(names)
     for name in names:
-        cfg = load_config(train_mod.resolve_config(name))
-        train_mod._check_train_config(cfg.train)
-    coop, cocoop, kg = (load_config(train_mod.resolve_config(n)) for n in ("coop", "cocoop", "kgcoop"))
+        cfg = load_config(config_mod.resolve_config(name))
+        check_train_config(cfg.train)
+    coop, cocoop, kg = (load_config(config_mod.resolve_config(n)) for n in ("coop", "cocoop", "kgcoop"))
     assert (coop.model.conditioning, coop.model.attributes, coop.train.regulariser) == ("none", "off", "off")
     assert (cocoop.model.conditioning, cocoop.model.attributes) == ("additive", "off")
     assert (kg.model.conditioning, kg.train.regulariser, kg.train.lambda_reg) == ("none", "class", 8.0)
-    assert train_mod.parse_overrides(["train.lr=0.01", "model.ctx_init=a photo of a"]) == {
+    assert config_mod.parse_overrides(["train.lr=0.01", "model.ctx_init=a photo of a"]) == {
         "train.lr": 0.01, "model.ctx_init": "a photo of a"}
     with pytest.raises(FileNotFoundError, match="shipped config"):
-        train_mod.resolve_config("no_such_config")
+        config_mod.resolve_config("no_such_config")

@@ -9,9 +9,14 @@ Owns (METHOD.md, "Attribute labels" and "Interpretability"):
 `clip` is an open_clip CLIP model (token table `clip.token_embedding.weight` [V, D]; CustomTextCLIP's
 `clip.text.token_embedding` also works) and `tokenizer` its open_clip SimpleTokenizer (CLIP BPE: `.encode`
 without SOT/EOT, `.decoder` id -> token string where a word-final token ends with "</w>").
+
+Which tokens count as words: a word-final token ("red</w>") whose text is alphabetic AND an English word of the
+`english-words` package's web2 list (Webster's 2nd, 234k words). CLIP's BPE also has word-final pieces of longer
+words ("omusic</w>", "tok</w>"): they are never shown as words.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import NamedTuple, Sequence
 
@@ -68,8 +73,17 @@ def attribute_targets(words: Sequence[str | None], clip, tokenizer) -> Attribute
     return AttributeTargets(emb, valid)
 
 
+@functools.lru_cache(maxsize=1)
+def english_words() -> frozenset[str]:
+    """Lower-case alphabetic English words (web2), read once."""
+    from english_words import get_english_words_set
+
+    return frozenset(get_english_words_set(["web2"], lower=True, alpha=True))
+
+
 def _vocab(tokenizer, V: int) -> tuple[torch.Tensor, list[str]]:
-    """(mask [V] of whole alphabetic ASCII word tokens, readable strings), cached per tokenizer."""
+    """(mask [V] of word tokens: word-final, alphabetic ASCII, an English word; readable strings), cached per
+    tokenizer."""
     _check_tokenizer(tokenizer)
     try:
         hit = _VOCAB_CACHE.get(tokenizer)
@@ -79,7 +93,7 @@ def _vocab(tokenizer, V: int) -> tuple[torch.Tensor, list[str]]:
         return hit
     dec, byte_dec = tokenizer.decoder, getattr(tokenizer, "byte_decoder", None)
     mask = torch.zeros(V, dtype=torch.bool)
-    words = []
+    words, dictionary = [], english_words()
     for i in range(V):
         tok = dec.get(i, "")
         whole = tok.endswith(_WORD_END)
@@ -87,7 +101,7 @@ def _vocab(tokenizer, V: int) -> tuple[torch.Tensor, list[str]]:
         if byte_dec is not None and all(c in byte_dec for c in core):
             core = bytearray(byte_dec[c] for c in core).decode("utf-8", errors="replace")
         words.append(core)
-        mask[i] = whole and core.isascii() and core.isalpha()
+        mask[i] = whole and core.isascii() and core.isalpha() and core.lower() in dictionary
     hit = (mask, words)
     try:
         _VOCAB_CACHE[tokenizer] = hit
@@ -99,7 +113,8 @@ def _vocab(tokenizer, V: int) -> tuple[torch.Tensor, list[str]]:
 def decode(emb: torch.Tensor, clip, tokenizer, k: int = 5, words_only: bool = True) -> list[list[tuple[str, float]]]:
     """The k entries of CLIP's token table nearest to each row of emb [B, D] by cosine, best first.
 
-    words_only: only whole alphabetic word tokens ("red</w>", not the piece "xy" nor "!!</w>").
+    words_only: only word tokens ("red</w>"; not the piece "xy", nor "!!</w>", nor the word-final fragment
+    "omusic</w>": see the module docstring).
     Returns B lists of (word without "</w>", cosine).
     """
     if emb.dim() != 2:

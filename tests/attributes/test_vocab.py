@@ -94,3 +94,23 @@ def test_agreement_hand_made(clip_tok):
     assert out["mean_cos"] == pytest.approx(expected, abs=1e-5)
     empty = agreement(pred[:1], [None], clip, tok)
     assert empty["n"] == 0 and math.isnan(empty["top1"]) and math.isnan(empty["mean_cos"])
+
+
+def test_decoded_words_are_english_words_never_bpe_fragments():
+    """Word-final BPE pieces of longer words ("omusic</w>", "tok</w>") are in CLIP's vocabulary but are not words:
+    decode never shows them, while real words ("red", "furry") stay decodable."""
+    import open_clip
+
+    from intcoop.attributes.vocab import _vocab, decode
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-B-16", pretrained=None)
+    tok = open_clip.SimpleTokenizer()
+    table = clip.token_embedding.weight.detach()
+    mask, words = _vocab(tok, table.shape[0])
+    ids = {w: tok.encoder[w + "</w>"] for w in ("omusic", "tok", "red", "furry")}
+    assert not mask[ids["omusic"]] and not mask[ids["tok"]]
+    assert mask[ids["red"]] and mask[ids["furry"]]
+    # the embedding of a fragment itself decodes to real words only
+    out = decode(table[[ids["omusic"], ids["red"]]], clip, tok, k=5)
+    assert all(w not in ("omusic", "tok") for w, _ in out[0]) and out[1][0][0] == "red"

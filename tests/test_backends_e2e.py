@@ -98,7 +98,7 @@ def test_compiled_step_equals_eager_on_gpu(monkeypatch, model, images, backend):
         assert_close(a, b, torch.float32)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (tests/test_train.py covers the CPU)")
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (tests/train/test_trainer.py covers the CPU)")
 def test_training_on_gpu_bf16_compiled(tmp_path, clip_tiny):
     """A short run on real photos: bf16 autocast, compiled step, cached features; the loss falls, a checkpoint
     is written, and evaluation runs on the GPU."""

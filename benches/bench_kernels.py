@@ -129,7 +129,9 @@ def test_prefix_attention_fwd(benchmark, record, layer, provider):
     try:
         _check_prefix(case, provider, impl.fwd(*a)[0])
     except torch.OutOfMemoryError:
-        pytest.skip(f"the {provider} backend runs out of GPU memory at B={B}, N={N}")
+        if provider == "triton":                     # our kernel must fit: an OOM there is a failure
+            raise
+        pytest.skip(f"the padded torch baseline runs out of GPU memory at B={B}, N={N}")
     _report(benchmark, record, lambda: impl.fwd(*a), case.fwd_flops, case.fwd_bytes, op="prefix_attention",
             direction="fwd", layer=layer, provider=provider, shape=SHAPE)
 
@@ -145,7 +147,9 @@ def test_prefix_attention_bwd(benchmark, record, layer, provider):
         grads = impl.bwd(dout, *a[:5], out, lse, *a[5:])
         _check_prefix(case, provider, out, grads)
     except torch.OutOfMemoryError:
-        pytest.skip(f"the {provider} backend runs out of GPU memory at B={B}, N={N}")
+        if provider == "triton":                     # our kernel must fit: an OOM there is a failure
+            raise
+        pytest.skip(f"the padded torch baseline runs out of GPU memory at B={B}, N={N}")
     del grads
     _report(benchmark, record, lambda: impl.bwd(dout, *a[:5], out, lse, *a[5:]), 2.5 * case.fwd_flops,
             case.bwd_bytes, op="prefix_attention", direction="bwd", layer=layer, provider=provider, shape=SHAPE)

@@ -48,7 +48,7 @@ def _inputs(model, B, names, seed=0):
     target = model.clip.token_embedding.weight[torch.randint(0, 49000, (B,), generator=g).to(DEVICE)].detach()
     valid = (torch.arange(B) % 3 != 2).to(DEVICE)
     hand = losses.HandFeatures(model.clip, model.tokenizer, names).classes()
-    return feats, tokens, labels, target.float(), valid, None, hand
+    return None, feats, tokens, labels, target.float(), valid, None, hand   # (images: none, features given)
 
 
 def _params(model):
@@ -65,7 +65,7 @@ def fast_step(model, module, opt, inputs):
 
 def reference_step(model, names, opt, inputs):
     """The same objective with CoCoOp's text side: per image, N padded 77-token prompts through open_clip."""
-    feats, tokens, labels, target, valid, denom, hand = inputs
+    _, feats, tokens, labels, target, valid, denom, hand = inputs
     opt.zero_grad(set_to_none=True)
     prefix, pred = model.prompt_prefix(feats=feats, tokens=tokens, return_attrs=True)
     text = encode_prompts_reference(model.clip, prefix, names, model.tokenizer, model.config.suffix)

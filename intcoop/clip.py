@@ -370,7 +370,8 @@ def image_features(model: nn.Module, images: torch.Tensor, tokens: bool = True):
     """The frozen image tower: (f(x) [B, E], Z(x) [B, L, Wv] or None).
 
     For open_clip's VisionTransformer Z(x) is every final-layer token after ln_post (class token first). For
-    other towers only the pooled feature is available, and tokens=True raises.
+    other towers only the pooled feature is available, and tokens=True raises. With visual prompts:
+    `vision.prompted_image_features`.
     """
     visual = model.visual
     if not tokens:

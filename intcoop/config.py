@@ -42,12 +42,19 @@ class ModelConfig:
     suffix: str = "{}."                    # text after the prefix; '{}' is the class name, EOT follows
     seed: int = 0                          # seed of any randomly initialised parameter
     precision: str = "fp32"                # fp32 | bf16 | fp16: the frozen CLIP's stored and compute dtype
-
+    # deep prompts (IVLP, VPT, MaPLe, PromptSRC; README "Deep prompts")
+    text_depth: int = 1                    # J_t: 0 = context fixed at ctx_init (not learned), 1 = learned at the
+                                           # input only (CoOp), J >= 2 = own learned tokens at layers 1..J-1 too
+    visual_prompts: str = "off"            # off | independent (IVLP, VPT) | coupled (MaPLe: Linear of text tokens)
+    visual_ctx: int = 2                    # learned visual tokens (coupled: n_ctx)
+    visual_depth: int = 12                 # J_v: layers 0..J_v-1 get their own visual tokens (coupled: text_depth)
 
     @property
     def prefix_len(self) -> int:
-        """Tokens before the class name: SOS, the M context vectors and the K attribute tokens (none when off)."""
-        return 1 + self.n_ctx + (0 if self.attributes == "off" else self.attr_tokens)
+        """Tokens before the class name: SOS, the M context vectors, the words of ctx_init after the first M
+        (fixed, as the deep-prompt methods keep them) and the K attribute tokens (none when off)."""
+        fixed = max(_ctx_tokens(self.ctx_init) - self.n_ctx, 0) if self.ctx_init else 0
+        return 1 + self.n_ctx + fixed + (0 if self.attributes == "off" else self.attr_tokens)
 
 @dataclass
 class DataConfig:
@@ -78,6 +85,12 @@ class TrainConfig:
     compile: bool = False                  # torch.compile around the training step
     cache_features: bool = False           # cache the frozen image tower's outputs (only without augmentation)
     seed: int = 1                          # run seed (data order, label noise, init)
+    # PromptSRC's self-regularisation (0 = off) and Gaussian prompt aggregation (README "Deep prompts")
+    lambda_scl_text: float = 0.0           # L1 of the text features to frozen CLIP's template-ensemble features
+    lambda_scl_image: float = 0.0          # L1 of the image features to frozen CLIP's
+    lambda_scl_logits: float = 0.0         # KL of zero-shot CLIP's class distribution to the model's
+    gpa_mean: float = 0.0                  # GPA: epoch e's prompts weighted by N(e; gpa_mean, gpa_std), 1-based
+    gpa_std: float = 0.0                   # 0 = no aggregation (the last epoch's prompts are used)
     out: str = "runs/default"              # output folder: checkpoints, metrics.csv, config.yaml
     log_every: int = 10                    # steps between metric rows
 
@@ -97,14 +110,17 @@ CHOICES = {
                                                                                   "off"),
     "data.subsample": ("all", "base", "novel"), "train.attr_loss": ("cosine", "mse"),
     "train.regulariser": ("off", "class", "attribute"), "train.precision": ("auto", "fp32", "bf16"),
-    "model.precision": ("fp32", "bf16", "fp16")}
+    "model.precision": ("fp32", "bf16", "fp16"), "model.visual_prompts": ("off", "independent", "coupled")}
 RANGES = {  # key: (lowest, highest, lowest is allowed)
     "model.n_ctx": (1, None, True), "model.heads": (1, None, True), "model.attr_tokens": (1, None, True),
     "model.attr_hidden": (1, None, True), "data.shots": (0, None, True), "data.workers": (0, None, True),
     "train.epochs": (1, None, True), "train.batch_size": (1, None, True), "train.lr": (0, None, False),
     "train.momentum": (0, 1, True), "train.weight_decay": (0, None, True), "train.warmup_epochs": (0, None, True),
     "train.warmup_lr": (0, None, True), "train.lambda_attr": (0, None, True), "train.lambda_reg": (0, None, True),
-    "train.label_noise": (0, 1, True), "train.log_every": (1, None, True)}
+    "train.label_noise": (0, 1, True), "train.log_every": (1, None, True), "model.text_depth": (0, None, True),
+    "model.visual_ctx": (1, None, True), "model.visual_depth": (1, None, True),
+    "train.lambda_scl_text": (0, None, True), "train.lambda_scl_image": (0, None, True),
+    "train.lambda_scl_logits": (0, None, True), "train.gpa_std": (0, None, True)}
 NONE_WORDS = ("none", "null", "~", "")     # what "no value" may be typed as, for optional (str | None) fields
 
 
@@ -210,16 +226,31 @@ def _ctx_tokens(text: str) -> int:
     return len(SimpleTokenizer().encode(text))
 
 
-def _check_together(cfg: "RunConfig", where) -> None:
-    """Fields that must agree: model.n_ctx and the token count of model.ctx_init (errors name both)."""
+def _check_together(cfg: "RunConfig", where, given=frozenset()) -> None:
+    """Fields that must agree (errors name both): model.n_ctx against the token count of model.ctx_init (more
+    tokens are legal: the first n_ctx start the context, the rest stay fixed words, as the deep-prompt methods
+    do); visual prompts against the feature cache; MaPLe's coupling against the text prompts."""
     mc = cfg.model
-    if mc.ctx_init and len(mc.ctx_init.split()) != mc.n_ctx:
+
+    def blame(*keys):                                   # the override that made the conflict, else the file
+        return next((where(k) for k in keys if k in given), where(keys[0]))
+
+    if mc.ctx_init and len(mc.ctx_init.split()) < mc.n_ctx:
         n = _ctx_tokens(mc.ctx_init)
-        if n != mc.n_ctx:
+        if n < mc.n_ctx:
             src = where("model.n_ctx") if where("model.n_ctx") != where("model.ctx_init") else where("model.ctx_init")
             raise ValueError(f"{src}: model.n_ctx = {mc.n_ctx} but model.ctx_init {mc.ctx_init!r} has {n} tokens; "
-                             f"change model.ctx_init to {mc.n_ctx} word(s) (or '' for a random start), or set "
-                             f"model.n_ctx={n}")
+                             f"change model.ctx_init to {mc.n_ctx} word(s) or more (or '' for a random start), or "
+                             f"set model.n_ctx={n}")
+    if mc.visual_prompts != "off" and cfg.train.cache_features:
+        raise ValueError(f"{blame('model.visual_prompts', 'train.cache_features')}: train.cache_features needs a frozen image tower, but "
+                         f"model.visual_prompts={mc.visual_prompts} learns prompts inside it (set one of them off)")
+    if mc.visual_prompts == "coupled" and mc.text_depth < 1:
+        raise ValueError(f"{blame('model.text_depth', 'model.visual_prompts')}: model.visual_prompts=coupled (MaPLe) projects the learned "
+                         f"text tokens: it needs model.text_depth >= 1, got {mc.text_depth}")
+    if cfg.train.gpa_std == 0 and cfg.train.gpa_mean:
+        raise ValueError(f"{blame('train.gpa_mean', 'train.gpa_std')}: train.gpa_mean is set but train.gpa_std = 0 (no aggregation); "
+                         f"set train.gpa_std > 0")
 
 
 def apply_overrides(cfg: "RunConfig", overrides: Mapping | None, base: str = "config",
@@ -245,7 +276,7 @@ def apply_overrides(cfg: "RunConfig", overrides: Mapping | None, base: str = "co
         s, _, name = key.partition(".")
         sections[s][name] = value
     out = RunConfig(**{s: SECTIONS[s](**v) for s, v in sections.items()})
-    _check_together(out, where)
+    _check_together(out, where, frozenset(ov))
     return out
 
 

@@ -11,6 +11,11 @@ dtype; the prompt learner's parameters stay float32 (what the optimiser updates)
 CLIP's dtype, so gradients reach them in float32; the prefix enters the text tower in its dtype; logits are
 float32 (cosines of float32-normalised features). An outer `torch.autocast` on a float32 model is honoured too
 (see `image_features`).
+
+Deep prompts (text_depth, visual_prompts; README "Deep prompts"): the deep text tokens go to the prefix pass of
+the fast encoder, the visual tokens to the image tower (`clip.prompted_image_features`), which then runs with
+gradients to them. When the prefix is the same for every image (no conditioning, no attribute slot: CoOp,
+KgCoOp, IVLP, VPT, MaPLe, PromptSRC) the text tower runs once, for one row, and its features serve every image.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from .config import ModelConfig
 from .images import check_finite
 from .prompts import PromptLearner
 from .text import ClassSuffixes, TextTower, class_suffixes
+from .vision import prompted_image_features
 
 __all__ = ["IntCoOp", "ATTRIBUTE_MODES", "PRECISIONS", "precision_dtype", "logits_function"]
 
@@ -59,12 +65,12 @@ class IntCoOp(nn.Module):
         init = tok.encode(config.ctx_init) if config.ctx_init else []
         visual = self.clip.visual
         patch_width = visual.ln_post.normalized_shape[0] if hasattr(visual, "ln_post") else None
+        self.tower = TextTower(self.clip)
         self.prompt = PromptLearner(
             emb, tok.sot_token_id, init, n_ctx=config.n_ctx, embed_dim=self.clip.text_projection.shape[-1],
             patch_width=patch_width, conditioning=config.conditioning, heads=config.heads,
             attr_tokens=0 if config.attributes == "off" else config.attr_tokens, attr_hidden=config.attr_hidden,
-            seed=config.seed)
-        self.tower = TextTower(self.clip)
+            seed=config.seed, text_depth=config.text_depth, visual=_visual_plan(config, visual, len(self.tower.blocks)))
         self.set_precision(config.precision)
 
     @classmethod
@@ -103,9 +109,22 @@ class IntCoOp(nn.Module):
         """The prompt learner's ops in the CLIP's dtype when that is not float32 (and no autocast is on already):
         its float32 parameters are cast per op, so their gradients stay float32."""
         dev = self.device.type
-        if self.dtype == torch.float32 or torch.is_autocast_enabled(dev):
+        if self.dtype not in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(dev):
             return contextlib.nullcontext()
         return torch.autocast(dev, dtype=self.dtype)
+
+    @property
+    def visual_prompted(self) -> bool:
+        """True when the image tower carries learned tokens (it then runs with gradients, no feature cache)."""
+        return self.prompt.visual is not None
+
+    def deep_text(self) -> list[torch.Tensor]:
+        """The deep text tokens [J_t - 1 tensors [M, D]] in the text tower's dtype (empty for text_depth <= 1)."""
+        return [t.to(self.dtype) for t in self.prompt.deep_text]
+
+    def text_rows(self, prefix: torch.Tensor) -> torch.Tensor:
+        """The prefix rows the text tower needs: one when the prefix is the same for every image, else all."""
+        return prefix[:1] if self.prompt.image_independent else prefix
 
     def learnable_state_dict(self) -> dict:
         return {k: v.detach().clone() for k, v in self.prompt.state_dict().items()}
@@ -131,7 +150,12 @@ class IntCoOp(nn.Module):
         tokens = self.config.conditioning == "attention"
         dev = images.device.type
         outer = torch.is_autocast_enabled(dev)
-        with torch.no_grad(), (torch.autocast(dev, enabled=False) if outer else contextlib.nullcontext()):
+        prompts = self.prompt.visual_tokens() if self.visual_prompted else None   # float32, cast in the tower
+        grad = prompts is not None and torch.is_grad_enabled()
+        with (contextlib.nullcontext() if grad else torch.no_grad()), \
+                (torch.autocast(dev, enabled=False) if outer else contextlib.nullcontext()):
+            if prompts is not None:
+                return prompted_image_features(self.clip.visual, images.to(self.dtype), prompts, tokens)
             return image_features(self.clip, images.to(self.dtype), tokens=tokens)
 
     def prompt_prefix(self, images: torch.Tensor | None = None, *, feats=None, tokens=None,
@@ -167,13 +191,14 @@ class IntCoOp(nn.Module):
         suf = classnames if isinstance(classnames, ClassSuffixes) else self.suffixes(classnames)
         if prefix.dtype != self.dtype and self.dtype != torch.float32:   # (a float32 tower: autocast's business)
             prefix = prefix.to(self.dtype)                # into the tower's dtype; its gradient returns in float32
-        return self.tower.encode(prefix, suf, max_rows)
+        return self.tower.encode(prefix, suf, max_rows, self.deep_text())
 
     def scores(self, feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """exp(logit_scale) * cos(f(x), t_c(x)) (+ logit_bias if the model has one): [B, N] in float32 at least,
         whatever the towers' dtype (a bf16 cosine has 3 significant digits: too few to rank 1000 classes); a
-        float64 model keeps float64."""
+        float64 model keeps float64. text [B, N, E], or [1, N, E] for every image (`text_rows`)."""
         dt = torch.promote_types(torch.promote_types(feats.dtype, text.dtype), torch.float32)
+        text = text.expand(feats.shape[0], -1, -1)
         with torch.autocast(feats.device.type, enabled=False):
             f = F.normalize(feats.to(dt), dim=-1)
             cos = torch.einsum("be,bne->bn", f, F.normalize(text.to(dt), dim=-1))
@@ -184,7 +209,7 @@ class IntCoOp(nn.Module):
     def logits_from_features(self, feats, tokens, classnames, attr_targets=None, max_rows: int = 1 << 16):
         """Logits [B, N] from the frozen tower's outputs (cached features; the compiled step's body)."""
         prefix = self.prompt_prefix(feats=feats, tokens=tokens, attr_targets=attr_targets)
-        return self.scores(feats, self.text_features(prefix, classnames, max_rows))
+        return self.scores(feats, self.text_features(self.text_rows(prefix), classnames, max_rows))
 
     def forward(self, images: torch.Tensor, classnames, attr_targets=None) -> torch.Tensor:
         """Logits [B, N] for preprocessed images [B, 3, H, W]; differentiable in the prompt learner."""
@@ -194,10 +219,10 @@ class IntCoOp(nn.Module):
 
 def _prefix_kv(model: IntCoOp, feats, tokens, attr_targets):
     """Compiled piece 1 (depends on the images only): the prefix [B, P, D] and each text layer's prefix K / V."""
-    prefix = model.prompt_prefix(feats=feats, tokens=tokens, attr_targets=attr_targets)
+    prefix = model.text_rows(model.prompt_prefix(feats=feats, tokens=tokens, attr_targets=attr_targets))
     if prefix.dtype != model.dtype and model.dtype != torch.float32:
         prefix = prefix.to(model.dtype)
-    return prefix, model.tower.prefix_pass(prefix)
+    return prefix, model.tower.prefix_pass(prefix, model.deep_text())
 
 
 def _suffix_text(model: IntCoOp, kv, part: ClassSuffixes, P: int, dtype):
@@ -224,6 +249,23 @@ def _compiled_logits(backend):
                  for c in suf.chunks(B, max_rows)]
         return model.scores(feats, parts[0] if len(parts) == 1 else torch.cat(parts, 1))
     return logits
+
+
+def _visual_plan(config: ModelConfig, visual, text_layers: int) -> dict | None:
+    """The visual prompts' shape {mode, n, depth, width} (None when off); ValueError for depths past the towers."""
+    if not 0 <= config.text_depth <= text_layers:
+        raise ValueError(f"text_depth must be in [0, {text_layers}] (the text tower's layers), got {config.text_depth}")
+    if config.visual_prompts == "off":
+        return None
+    if config.visual_prompts not in ("independent", "coupled"):
+        raise ValueError(f"visual_prompts must be one of off, independent, coupled, got {config.visual_prompts!r}")
+    layers = len(visual.transformer.resblocks) if hasattr(visual, "transformer") else 0
+    coupled = config.visual_prompts == "coupled"
+    depth, n = (config.text_depth, config.n_ctx) if coupled else (config.visual_depth, config.visual_ctx)
+    if not hasattr(visual, "conv1") or not 1 <= depth <= layers:
+        raise ValueError(f"visual_depth must be in [1, {layers}] (the image tower's layers), got {depth}"
+                         + (" (coupled: text_depth)" if coupled else ""))
+    return {"mode": config.visual_prompts, "n": n, "depth": depth, "width": visual.conv1.out_channels}
 
 
 def logits_function(compile=False):

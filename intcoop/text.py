@@ -7,6 +7,14 @@ exactly what open_clip's encode_text computes on the full 77-token sequence, but
 tricks: nothing after EOT; the prefix runs through the layers once per image and leaves its K/V; the suffixes
 of all prompts are packed at their true lengths (GEMMs over packed rows); attention is the prefix-shared op;
 layer 0's suffix work depends on the class only and runs once per class; the last layer runs on EOT rows only.
+A QuickGELU MLP, c_proj(h * sigmoid(1.702 h)) with h = c_fc(x), runs as c_proj'(silu(c_fc'(x))): the GEMMs scale
+by 1.702 (c_fc, weight and bias) and 1 / 1.702 (c_proj's product) inside themselves (addmm's alpha / beta), so
+the activation is one elementwise pass instead of three; equal in real arithmetic, to float rounding in floats.
+
+Deep text prompts (`deep`, J - 1 tensors [n, D] or [B, n, D]): at the input of layer j = 1..J-1 the hidden states
+of positions 1..n (the context, after SOS) are replaced by deep[j - 1]. Those positions are in the prefix, and
+the prefix never attends to the suffixes (causal), so this changes the prefix pass only: the suffixes see the
+replaced prefix through its K / V.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vision import block_mlp, quick_gelu_mlps
 from .ops.prefix_attention import HostSegments, prefix_attention
 
 __all__ = ["ClassSuffixes", "class_suffixes", "encode_prompts", "TextTower"]
@@ -106,6 +115,7 @@ class TextTower:
         self.heads = self.blocks[0].attn.num_heads
         self.width = model.token_embedding.weight.shape[1]
         self.context_length = model.positional_embedding.shape[0]
+        self._quick = quick_gelu_mlps(self.blocks)
 
     # --- pieces of one open_clip ResidualAttentionBlock -------------------------------------------------------
     def _qkv(self, blk, h: torch.Tensor, which: slice = slice(0, 3)) -> torch.Tensor:
@@ -118,15 +128,24 @@ class TextTower:
     def _finish(self, blk, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual + out-projection, then the MLP half of the block. attn [..., H, Dh]."""
         x = x + blk.ls_1(blk.attn.out_proj(attn.flatten(-2)))
-        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        return x + blk.ls_2(self._mlp(blk, blk.ln_2(x)))
+
+    def _mlp(self, blk, h: torch.Tensor) -> torch.Tensor:
+        """blk.mlp(h) for h [..., D]; a QuickGELU MLP with its 1.702 folded into the GEMMs (module docstring)."""
+        return block_mlp(blk, h) if self._quick else blk.mlp(h)
 
     # --- the two passes ---------------------------------------------------------------------------------------
-    def prefix_pass(self, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Run the prefix [B, P, D] through every layer once; return each layer's (K, V) [B, P, H, Dh]."""
-        P = prefix.shape[1]
+    def prefix_pass(self, prefix: torch.Tensor, deep=()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Run the prefix [B, P, D] through every layer once, the deep tokens (module docstring) replacing the
+        context at the input of layers 1..len(deep); return each layer's (K, V) [B, P, H, Dh]."""
+        B, P = prefix.shape[:2]
         x = prefix + self.model.positional_embedding[:P].to(prefix.dtype)
         kv = []
         for i, blk in enumerate(self.blocks):
+            if 1 <= i <= len(deep):
+                t = deep[i - 1].to(x.dtype)
+                t = t.expand(B, -1, -1) if t.dim() == 2 else t
+                x = torch.cat([x[:, :1], t, x[:, 1 + t.shape[1]:]], 1)
             q, k, v = self._qkv(blk, blk.ln_1(x)).unbind(-3)
             kv.append((k, v))
             if i + 1 < len(self.blocks):  # the last layer's prefix outputs reach no EOT token
@@ -167,9 +186,9 @@ class TextTower:
         proj = model.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj.to(x.dtype)
 
-    def encode(self, prefix: torch.Tensor, suf: ClassSuffixes, max_rows: int = 1 << 16) -> torch.Tensor:
+    def encode(self, prefix: torch.Tensor, suf: ClassSuffixes, max_rows: int = 1 << 16, deep=()) -> torch.Tensor:
         """Text features [B, N, E]; classes are processed in chunks of about max_rows packed rows (B x tokens)."""
-        kv = self.prefix_pass(prefix)
+        kv = self.prefix_pass(prefix, deep)
         P, B = prefix.shape[1], prefix.shape[0]
         outs = [self.suffix_pass(kv, part, P, prefix.dtype) for part in suf.chunks(B, max_rows)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
@@ -186,13 +205,14 @@ def _check_prefix(prefix: torch.Tensor, tower: TextTower) -> None:
 
 
 def encode_prompts(clip, prefix: torch.Tensor, classnames, *, suffix: str = "{}.", tokenizer=None,
-                   max_rows: int = 1 << 16) -> torch.Tensor:
+                   max_rows: int = 1 << 16, deep=()) -> torch.Tensor:
     """CLIP text features of every (image, class) prompt: [B, N, E]. Differentiable in `prefix`.
 
     clip: an open_clip CLIP model (or `intcoop.clip.Clip`); prefix: [B, P, D] input embeddings starting
     with SOS (no positional embedding added); classnames: N names (duplicates allowed); suffix: the text after
     the prefix, '{}' replaced by the name (EOT follows). tokenizer: open_clip's for the model (default: CLIP's BPE,
     one cached instance, `clip.default_tokenizer`, so repeated calls re-use its class-suffix cache).
+    deep: deep text tokens, J - 1 tensors [n, D] or [B, n, D] (module docstring), n < P.
     """
     from .clip import Clip, _tokenizer_for
 
@@ -201,5 +221,19 @@ def encode_prompts(clip, prefix: torch.Tensor, classnames, *, suffix: str = "{}.
     tokenizer = tokenizer or _tokenizer_for(clip, None)
     tower = TextTower(clip)
     _check_prefix(prefix, tower)
+    _check_deep(deep, prefix, tower)
     suf = class_suffixes(tokenizer, classnames, suffix, prefix.shape[1], tower.context_length)
-    return tower.encode(prefix, suf.to(prefix.device), max_rows)
+    return tower.encode(prefix, suf.to(prefix.device), max_rows, deep)
+
+
+def _check_deep(deep, prefix: torch.Tensor, tower: TextTower) -> None:
+    B, P, D = prefix.shape
+    if len(deep) > len(tower.blocks) - 1:
+        raise ValueError(f"deep has {len(deep)} layers of tokens but the text tower has {len(tower.blocks)} layers "
+                         f"(at most {len(tower.blocks) - 1}: layer 0 takes the prefix)")
+    for j, t in enumerate(deep):
+        ok = isinstance(t, torch.Tensor) and t.dim() in (2, 3) and t.shape[-1] == D and t.shape[-2] < P \
+            and (t.dim() == 2 or t.shape[0] == B)
+        if not ok:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"deep[{j}] must be [n, {D}] or [{B}, n, {D}] with n < P = {P}; got {shape}")

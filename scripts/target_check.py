@@ -338,7 +338,7 @@ class TargetChecks:
 
                 def step():
                     with ac:
-                        out = module(feats[s:e], tokens[s:e], labels[s:e], target[s:e], valid[s:e], None, hand)
+                        out = module(None, feats[s:e], tokens[s:e], labels[s:e], target[s:e], valid[s:e], None, hand)
                     (out["loss"] * ((e - s) / B)).backward()
                     return out
                 t, out = self.timed(step)

@@ -73,6 +73,19 @@ def clip_b16():
 
 
 @pytest.fixture(scope="session")
+def small(tmp_path_factory):
+    """A small ImageFolder of real photos for training runs: 4 classes x 6 training photos (seeded crops of 4
+    sample photographs), 2 val and 2 test per class, 32 px."""
+    from intcoop.data import load_dataset
+    from intcoop.demo.data import build_demo_dataset
+
+    root = tmp_path_factory.mktemp("small")
+    build_demo_dataset(root, classes=4, per_class=6, val_per_class=2, test_per_class=2, size=32, source="photos",
+                       overwrite=True)
+    return load_dataset("imagefolder", root)
+
+
+@pytest.fixture(scope="session")
 def photos():
     """Real photos as PIL RGB images (scikit-image and scikit-learn sample images)."""
     from PIL import Image

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "intcoop"
 # lowest first; a module may import from its own room and from rooms before it
-ORDER = ["_io", "config", "images", "ops", "clip_files", "clip", "text", "prompts", "model", "reference", "inference",
+ORDER = ["_io", "config", "images", "ops", "clip_files", "clip", "vision", "text", "prompts", "model", "reference", "inference",
          "attributes", "data", "api", "evaluation", "train", "experiments", "demo", "cli"]
 # entry points, test and bench support, built parts
 TOP = {"__init__", "__main__", "testing", "benchmarking", "__version__", "_C", "kernels"}

@@ -80,8 +80,16 @@ def test_bad_switches(clip_tiny):
         intcoop.IntCoOp.from_clip(clip_tiny, conditioning="film")
     with pytest.raises(ValueError, match="attributes must be"):
         intcoop.IntCoOp.from_clip(clip_tiny, attributes="sometimes")
-    with pytest.raises(ValueError, match="n_ctx"):
-        intcoop.IntCoOp.from_clip(clip_tiny, n_ctx=3)       # "a photo of a" has 4 tokens
+    with pytest.raises(ValueError, match="n_ctx = 5"):
+        intcoop.IntCoOp.from_clip(clip_tiny, n_ctx=5)       # "a photo of a" has 4 tokens: too few
+    three = intcoop.IntCoOp.from_clip(clip_tiny, n_ctx=3)   # legal: "a photo of" learned, the last "a" fixed
+    assert three.prompt.fixed.shape[0] == 1 and three.prompt.prefix_len == three.config.prefix_len == 1 + 3 + 1 + 1
+    with pytest.raises(ValueError, match=r"text_depth must be in \[0, 2\]"):
+        intcoop.IntCoOp.from_clip(clip_tiny, text_depth=3)  # the tiny text tower has 2 layers
+    with pytest.raises(ValueError, match=r"visual_depth must be in \[1, 2\]"):
+        intcoop.IntCoOp.from_clip(clip_tiny, visual_prompts="independent", visual_depth=3)
+    with pytest.raises(ValueError, match="visual_prompts must be one of"):
+        intcoop.IntCoOp.from_clip(clip_tiny, visual_prompts="deep")
 
 
 def test_from_name_random_weights_and_offline_error(monkeypatch):

@@ -2,6 +2,9 @@
 
 Used for zero-shot CLIP, for the identity test ("a photo of a {c}.") and for KgCoOp's regulariser t_c^hand.
 Keys are this package's registry names.
+
+`ENSEMBLE_TEMPLATES`: the 60 prompts whose averaged frozen text features are PromptSRC's text targets
+(`intcoop.train.selfreg`).
 """
 from __future__ import annotations
 
@@ -30,3 +33,26 @@ TEMPLATES: dict[str, str] = {
 def template_for(name: str) -> str:
     """The template of a registry name; DEFAULT_TEMPLATE for a name not in the table."""
     return TEMPLATES.get(name, DEFAULT_TEMPLATE)
+
+
+# 60 of the ImageNet prompts of OpenAI's CLIP prompt-engineering notebook (openai/CLIP,
+# notebooks/Prompt_Engineering_for_ImageNet.ipynb), in the order PromptSRC uses them (muzairkhattak/PromptSRC,
+# trainers/imagenet_templates.py, IMAGENET_TEMPLATES, which names the notebook as its source).
+ENSEMBLE_TEMPLATES: list[str] = [
+    "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
+    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
+    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.",
+    "the embroidered {}.", "a photo of a hard to see {}.", "a bright photo of a {}.", "a photo of a clean {}.",
+    "a photo of a dirty {}.", "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.",
+    "the plastic {}.", "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
+    "a painting of the {}.", "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.",
+    "a bright photo of the {}.", "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.", "a photo of the {}.",
+    "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.",
+    "a doodle of a {}.", "a close-up photo of the {}.", "the origami {}.", "the {} in a video game.",
+    "a sketch of a {}.", "a doodle of the {}.", "a origami {}.", "a low resolution photo of a {}.",
+    "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.", "a photo of a large {}.",
+    "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.", "a blurry photo of a {}.",
+    "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.", "a pixelated photo of a {}.",
+    "itap of the {}.",
+]

@@ -213,7 +213,6 @@ def attribute_quality(model, items, labels_by_id: dict, *, batch_size: int = 32,
     Returns {"overall": {...}, "per_class": {classname: {...}}, "rows": table rows, "files": [csv, md] or []};
     with out_dir the rows are written by evaluate.write_table as <name>.csv / <name>.md.
     """
-    from ..clip import image_features
     from ..data import ImageDataset, make_loader
     from .._io import write_table
     from ..attributes.vocab import agreement
@@ -236,7 +235,7 @@ def attribute_quality(model, items, labels_by_id: dict, *, batch_size: int = 32,
     try:
         with torch.inference_mode():
             for images, _, index in loader:
-                feats, _ = image_features(model.clip, images.to(model.device, model.dtype), tokens=False)
+                feats, _ = model.image_features(images.to(model.device, model.dtype))
                 pred[index] = model.prompt.attributes(feats).float().mean(1).cpu()
     finally:
         model.train(was_training)

@@ -15,11 +15,13 @@ Protocols (METHOD.md), one cell per (dataset, shots, seed); cells are run by `sw
 Every table gives the mean over seeds and its std (population std, numpy's default, as CoOp's parse script)
 in "<column> std" columns, and "seeds"; it is written as `<out>/<protocol>.csv` and `.md` (evaluate.write_table).
 
-Ablations (`VARIANTS`: one dict, name -> config overrides): the baselines CoOp, CoCoOp and KgCoOp as
-configurations of the same engine, and IntCoOp with one switch changed: conditioning, attributes (oracle and
+Ablations (`VARIANTS`: one dict, name -> config overrides): the baselines CoOp, CoCoOp, KgCoOp and the
+deep-prompt methods IVLP, VPT, MaPLe and PromptSRC (their prompts and losses as in the shipped configs; the
+schedule is the run's) as configurations of the same engine, and IntCoOp with one switch changed: conditioning, attributes (oracle and
 shuffled are evaluation-time switches of the IntCoOp run, `model.set_attributes`), label noise. Table
 `<out>/ablation.csv|md`, one row per variant. Variants that need BLIP-2 labels (oracle, label noise) are listed
-with a note and not run when no labels file is given.
+with a note and not run when no labels file is given, as are the deep-prompt variants whose depths do not fit
+the CLIP named in the config (e.g. depth 12 on a 2-layer tower), from open_clip's model config.
 """
 from __future__ import annotations
 
@@ -37,19 +39,36 @@ from ..clip import TINY_CLIP, register_tiny_clip
 from ..evaluation.metrics import harmonic_mean
 from .sweep import Cell, Eval, Sweep, apply_overrides
 
-__all__ = ["PROTOCOLS", "VARIANTS", "INTCOOP", "run_protocol", "run_ablation", "protocol_cells", "ablation_variants",
+__all__ = ["PROTOCOLS", "VARIANTS", "DEEP_VARIANTS", "INTCOOP", "run_protocol", "run_ablation", "protocol_cells", "ablation_variants",
            "aggregate", "plot_fewshot"]
 
 PROTOCOLS = ("base2novel", "fewshot", "domain", "crossdataset")
 FEWSHOT_SHOTS = (1, 2, 4, 8, 16)
 
-INTCOOP = {"model.conditioning": "attention", "model.attributes": "predicted", "train.regulariser": "class"}
+_SHALLOW = {"model.text_depth": 1, "model.visual_prompts": "off", "train.lambda_scl_text": 0.0,
+            "train.lambda_scl_image": 0.0, "train.lambda_scl_logits": 0.0, "train.gpa_mean": 0.0, "train.gpa_std": 0.0}
+INTCOOP = {"model.conditioning": "attention", "model.attributes": "predicted", "train.regulariser": "class",
+           **_SHALLOW}
+_DEEP = {**_SHALLOW, "model.conditioning": "none", "model.attributes": "off", "train.regulariser": "off",
+         "model.ctx_init": "a photo of a"}
+DEEP_VARIANTS: dict[str, dict] = {   # the prompts of configs/{ivlp,vpt,maple,promptsrc}.yaml
+    "IVLP": {**_DEEP, "model.n_ctx": 2, "model.text_depth": 12, "model.visual_prompts": "independent",
+             "model.visual_ctx": 2, "model.visual_depth": 12},
+    "VPT": {**_DEEP, "model.n_ctx": 4, "model.text_depth": 0, "model.visual_prompts": "independent",
+            "model.visual_ctx": 8, "model.visual_depth": 12},
+    "MaPLe": {**_DEEP, "model.n_ctx": 2, "model.text_depth": 9, "model.visual_prompts": "coupled"},
+    "PromptSRC": {**_DEEP, "model.n_ctx": 4, "model.text_depth": 9, "model.visual_prompts": "independent",
+                  "model.visual_ctx": 4, "model.visual_depth": 9, "train.lambda_scl_text": 25.0,
+                  "train.lambda_scl_image": 10.0, "train.lambda_scl_logits": 1.0, "train.gpa_mean": 15.0,
+                  "train.gpa_std": 1.0},
+}
 VARIANTS: dict[str, dict] = {
     # the baselines: the same engine with other switches
     "IntCoOp": INTCOOP,
-    "CoOp": {"model.conditioning": "none", "model.attributes": "off", "train.regulariser": "off"},
-    "CoCoOp": {"model.conditioning": "additive", "model.attributes": "off", "train.regulariser": "off"},
-    "KgCoOp": {"model.conditioning": "none", "model.attributes": "off", "train.regulariser": "class"},
+    "CoOp": {"model.conditioning": "none", "model.attributes": "off", "train.regulariser": "off", **_SHALLOW},
+    "CoCoOp": {"model.conditioning": "additive", "model.attributes": "off", "train.regulariser": "off", **_SHALLOW},
+    "KgCoOp": {"model.conditioning": "none", "model.attributes": "off", "train.regulariser": "class", **_SHALLOW},
+    **DEEP_VARIANTS,
     # IntCoOp with one switch changed ("eval.attributes": switched on the trained IntCoOp model at test time)
     "conditioning=attention": INTCOOP,
     "conditioning=additive": {**INTCOOP, "model.conditioning": "additive"},
@@ -59,7 +78,7 @@ VARIANTS: dict[str, dict] = {
     "attributes=shuffled": {**INTCOOP, "eval.attributes": "shuffled"},
     "attributes=off": {**INTCOOP, "model.attributes": "off"},
 }
-BASELINES = ("IntCoOp", "CoOp", "CoCoOp", "KgCoOp")
+BASELINES = ("IntCoOp", "CoOp", "CoCoOp", "KgCoOp", "IVLP", "VPT", "MaPLe", "PromptSRC")
 
 
 def ablation_variants(noise: Sequence[float] = (0.1, 0.3, 0.5), names: Sequence[str] | None = None) -> dict:
@@ -272,6 +291,32 @@ def write_results(rows, out, name):
     return write_table(rows, out, name)
 
 
+def _prompts_misfit(cfg: RunConfig) -> str | None:
+    """Why a configuration's deep prompts do not fit its CLIP (a depth past the tower's layers, visual prompts on
+    a tower that is not a ViT), read from open_clip's model config; None when they fit or the name is unknown."""
+    mc = cfg.model
+    if mc.text_depth <= 1 and mc.visual_prompts == "off":
+        return None
+    if mc.clip == TINY_CLIP:
+        register_tiny_clip()
+    import open_clip
+    conf = open_clip.get_model_config(mc.clip)
+    if not conf:
+        return None
+    text, vision = conf.get("text_cfg", {}), conf.get("vision_cfg", {})
+    if mc.text_depth > text.get("layers", 12):
+        return f"model.text_depth={mc.text_depth} > the {text.get('layers')} layers of {mc.clip}'s text tower"
+    if mc.visual_prompts == "off":
+        return None
+    if not isinstance(vision.get("layers", 12), int) or vision.get("timm_model_name"):
+        return f"visual prompts need open_clip's ViT image tower; {mc.clip} has another"
+    depth, key = (mc.text_depth, "text_depth") if mc.visual_prompts == "coupled" else (mc.visual_depth,
+                                                                                        "visual_depth")
+    if depth > vision.get("layers", 12):
+        return f"model.{key}={depth} > the {vision.get('layers')} layers of {mc.clip}'s image tower"
+    return None
+
+
 def run_ablation(dataset: str, root, seeds: Sequence[int] = (1,), shots: int = 16,
                  noise: Sequence[float] = (0.1, 0.3, 0.5), config: RunConfig | str | os.PathLike | None = None,
                  out="runs/ablation", *, protocol: str = "base2novel", labels=None,
@@ -294,6 +339,10 @@ def run_ablation(dataset: str, root, seeds: Sequence[int] = (1,), shots: int = 1
         needs = ov.get("eval.attributes") == "oracle" or ov.get("train.label_noise", 0) > 0
         if needs and not cfg.data.labels:
             notes[name] = "not run: needs BLIP-2 labels (--labels)"
+            continue
+        misfit = _prompts_misfit(apply_overrides(cfg, {k: v for k, v in ov.items() if not k.startswith("eval.")}))
+        if misfit:
+            notes[name] = f"not run: {misfit}"
             continue
         if not cfg.data.labels and apply_overrides(cfg, {k: v for k, v in ov.items()
                                                          if not k.startswith("eval.")}).model.attributes != "off":

@@ -14,6 +14,7 @@ A checkpoint (`<out>/last.pt`, `<out>/best.pt`) is a dict of plain types and ten
     clip        what rebuilds or verifies the frozen CLIP (`clip_record`): name, pretrained (tag / file / None),
                 source (tag, file, random, instance), activation (quick_gelu / gelu), architecture (tower widths,
                 layers, patch and image size), dtype, fingerprint (`clip.fingerprint`: sha256 over its weights)
+    gpa         PromptSRC's prompt aggregation so far (`selfreg.GaussianAggregate.state_dict()`), or None
     versions    torch and intcoop versions
 Files are written atomically (`torch.save` into memory, then `config.atomic_write_bytes`).
 
@@ -45,7 +46,7 @@ __all__ = ["FORMAT", "CheckpointMismatchError", "save_checkpoint", "read_checkpo
 
 FORMAT = "intcoop-checkpoint-v1"
 # ModelConfig fields that change what the learned parameters mean (ctx_init and seed only set initial values).
-STRUCTURAL = ("n_ctx", "conditioning", "heads", "attr_tokens", "attr_hidden", "suffix")
+STRUCTURAL = ("n_ctx", "conditioning", "heads", "attr_tokens", "attr_hidden", "suffix", "text_depth", "visual_prompts")
 
 
 class CheckpointMismatchError(ValueError):

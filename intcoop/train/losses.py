@@ -1,6 +1,9 @@
 """The training objective of METHOD.md and the frozen text features its regulariser compares with.
 
     L = L_CE + lambda_attr * L_attr + lambda_reg * L_reg
+          + lambda_scl_text * L_scl_text + lambda_scl_image * L_scl_image + lambda_scl_logits * L_scl_logits
+
+(the last line: PromptSRC's self-regularisation, `selfreg`; 0 unless its lambdas are set)
 
 - `cross_entropy(logits [B, N], labels [B])`: over the N training classes (float32).
 - `attribute_loss(pred [B, K, D], target [B, D], valid [B], kind)`: per image `1 - cos(mean_k pred_k, target)`
@@ -8,7 +11,8 @@
   `denom` overrides the count (data parallel: the global count / world size, so that averaging the ranks'
   gradients gives the mean over every labelled image of the global batch). 0 when no image has a label.
 - `regulariser_loss(text [B, N, E], hand [N, E] or [B, N, E])`: KgCoOp's `1 - mean_{b,c} cos(t_c(x_b), hand)`.
-- `objective(...)`: the sum and its parts, as a dict of tensors {"loss", "ce", "attr", "reg"} (for logging).
+- `objective(...)`: the sum and its parts, as a dict of tensors {"loss", "ce", "attr", "reg", "scl_text",
+  "scl_image", "scl_logits", "scl"} (for logging; "scl" is the weighted sum of the three SCL terms).
 - `HandFeatures`: frozen CLIP text features of the hand-crafted prompts, computed once and cached:
   `classes()` [N, E] for "template.format(c)" (regulariser=class, with `clip.encode_text` under no_grad), and
   `for_words(words)` [B, N, E] for "a photo of a {a} {c}." (regulariser=attribute; None -> the class prompt),
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..text import TextTower, class_suffixes
+from . import selfreg
 
 __all__ = ["cross_entropy", "attribute_loss", "regulariser_loss", "objective", "HandFeatures",
            "ATTRIBUTE_TEMPLATE", "ATTR_LOSSES", "REGULARISERS"]
@@ -71,18 +76,35 @@ def regulariser_loss(text: torch.Tensor, hand: torch.Tensor) -> torch.Tensor:
 def objective(logits: torch.Tensor, labels: torch.Tensor, *, pred_attrs: torch.Tensor | None = None,
               attr_target: torch.Tensor | None = None, attr_valid: torch.Tensor | None = None,
               attr_denom=None, text: torch.Tensor | None = None, hand: torch.Tensor | None = None,
-              lambda_attr: float = 1.0, lambda_reg: float = 8.0, attr_loss: str = "cosine") -> dict:
-    """{"loss", "ce", "attr", "reg"}: the weighted sum and its (unweighted) parts, float32 scalars.
+              lambda_attr: float = 1.0, lambda_reg: float = 8.0, attr_loss: str = "cosine",
+              feats: torch.Tensor | None = None, frozen_feats: torch.Tensor | None = None,
+              frozen_text: torch.Tensor | None = None, zs_logits: torch.Tensor | None = None,
+              lambda_scl_text: float = 0.0, lambda_scl_image: float = 0.0, lambda_scl_logits: float = 0.0) -> dict:
+    """{"loss", "ce", "attr", "reg", "scl_text", "scl_image", "scl_logits", "scl"}: the weighted sum, its
+    (unweighted) parts, and "scl" = the weighted sum of the three SCL parts; float32 scalars.
 
-    A part whose inputs are None (no attribute slot or no labels; regulariser off) is 0 and adds nothing.
+    A part whose inputs are None (no attribute slot or no labels; regulariser off) or whose lambda is 0 is 0 and
+    adds nothing. SCL (`selfreg`): text [B', N, E] against frozen_text [N, E]; feats [B, E] (the model's image
+    features) against frozen_feats [B, E]; logits against zs_logits [B, N].
     """
+    for lam, name, need in ((lambda_scl_text, "lambda_scl_text", dict(text=text, frozen_text=frozen_text)),
+                            (lambda_scl_image, "lambda_scl_image", dict(feats=feats, frozen_feats=frozen_feats)),
+                            (lambda_scl_logits, "lambda_scl_logits", dict(zs_logits=zs_logits))):
+        missing = [k for k, v in need.items() if v is None]
+        if lam and missing:
+            raise ValueError(f"{name}={lam} needs {' and '.join(missing)} (got None)")
     ce = cross_entropy(logits, labels)
     zero = ce.new_zeros(())
     attr = zero
     if pred_attrs is not None and attr_target is not None and lambda_attr:
         attr = attribute_loss(pred_attrs, attr_target, attr_valid, attr_loss, attr_denom)
     reg = regulariser_loss(text, hand) if text is not None and hand is not None and lambda_reg else zero
-    return {"loss": ce + lambda_attr * attr + lambda_reg * reg, "ce": ce, "attr": attr, "reg": reg}
+    s_text = selfreg.scl_text(text, frozen_text) if lambda_scl_text else zero
+    s_image = selfreg.scl_image(feats, frozen_feats) if lambda_scl_image else zero
+    s_logits = selfreg.scl_logits(logits, zs_logits) if lambda_scl_logits else zero
+    scl = lambda_scl_text * s_text + lambda_scl_image * s_image + lambda_scl_logits * s_logits
+    return {"loss": ce + lambda_attr * attr + lambda_reg * reg + scl, "ce": ce, "attr": attr, "reg": reg,
+            "scl_text": s_text, "scl_image": s_image, "scl_logits": s_logits, "scl": scl}
 
 
 class HandFeatures:

@@ -25,7 +25,7 @@ __all__ = ["METRIC_FIELDS", "init_distributed", "no_buffer_sync", "Window", "ten
            "read_csv", "RunExistsError", "start_mode", "elastic_run_id"]
 
 log = logging.getLogger("intcoop.train")
-METRIC_FIELDS = ("epoch", "step", "lr", "loss", "ce", "attr", "reg", "acc", "images_per_s", "val_acc")
+METRIC_FIELDS = ("epoch", "step", "lr", "loss", "ce", "attr", "reg", "scl", "acc", "images_per_s", "val_acc")
 
 
 def init_distributed():
@@ -118,7 +118,10 @@ def no_buffer_sync() -> dict:
 
 
 class Window:
-    """Per-step loss parts since the last metrics row (device tensors, synchronised only at `reduce`)."""
+    """Per-step loss parts since the last metrics row (device tensors, synchronised only at `reduce`).
+    The parts kept: PARTS (loss, ce, attr, reg, scl: "scl" the weighted sum of PromptSRC's terms) and correct."""
+
+    PARTS = ("loss", "ce", "attr", "reg", "scl")
 
     def __init__(self):
         self.reset()
@@ -128,27 +131,29 @@ class Window:
 
     def add(self, step: int, parts: dict, n: int):
         self.steps.append(step)
-        self.rows.append(torch.stack([parts["loss"], parts["ce"], parts["attr"], parts["reg"],
-                                      parts["correct"].float()]))
+        zero = parts["loss"].new_zeros(())
+        self.rows.append(torch.stack([parts.get(k, zero) for k in self.PARTS] + [parts["correct"].float()]))
         self.images.append(n)                       # a Python int: new_tensor(n) would be a synchronous copy
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
     def reduce(self, world: int):
-        """(global sums [loss, ce, attr, reg, correct, images, steps, non-finite count], first bad local step)."""
+        """(global sums [loss, ce, attr, reg, scl, correct, images, steps, non-finite count], first bad local step
+        (step, loss, ce, attr, reg, scl) or None)."""
+        P = len(self.PARTS)
         rows = torch.stack(self.rows).float()
         rows = torch.cat([rows, rows.new_tensor(self.images)[:, None]], 1)
         finite = torch.isfinite(rows[:, 0])
         sums = torch.cat([rows.sum(0), rows.new_tensor([len(self.rows), int((~finite).sum())])])
         if world > 1:
             dist.all_reduce(sums)
-            sums[:4] /= world
-            sums[6] /= world
+            sums[:P] /= world
+            sums[P + 2] /= world
         bad = None
         if not bool(finite.all()):
             j = int((~finite).nonzero()[0])
-            bad = (self.steps[j], *rows[j, :4].tolist())
+            bad = (self.steps[j], *rows[j, :P].tolist())
         return sums.tolist(), bad
 
 

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from . import losses
+from . import losses, selfreg
 from ..model import IntCoOp
 
 __all__ = ["check_train_config", "step_precision", "lr_factor", "StepModule"]
@@ -31,6 +31,12 @@ def check_train_config(tc) -> None:
         raise ValueError(f"train.label_noise must be in [0, 1], got {tc.label_noise}")
     if tc.epochs < 1 or tc.batch_size < 1 or tc.log_every < 1 or tc.warmup_epochs < 0:
         raise ValueError("train.epochs, batch_size and log_every must be >= 1 and warmup_epochs >= 0")
+    for name in ("lambda_scl_text", "lambda_scl_image", "lambda_scl_logits", "gpa_std"):
+        if not getattr(tc, name) >= 0:
+            raise ValueError(f"train.{name} must be >= 0, got {getattr(tc, name)}")
+    if tc.gpa_mean and not tc.gpa_std:
+        raise ValueError(f"train.gpa_mean={tc.gpa_mean} is set but train.gpa_std = 0 (no aggregation): set "
+                         f"train.gpa_std > 0")
 
 
 def step_precision(model_precision: str, train_precision: str) -> str:
@@ -56,9 +62,17 @@ def lr_factor(epoch: int, tc) -> float:
 
 
 class StepModule(nn.Module):
-    """The differentiable part of a step: forward(feats, tokens, labels, attr_target, attr_valid, attr_denom, hand)
-    -> {"loss", "ce", "attr", "reg", "correct"}. Its only submodule is the prompt learner (what DDP synchronises
-    and torch.compile traces with the frozen text tower); CLIP is referenced, not owned."""
+    """The differentiable part of a step: forward(images, feats, tokens, labels, attr_target, attr_valid, attr_denom,
+    hand, frozen_text=None) -> `losses.objective`'s parts {"loss", "ce", "attr", "reg", "scl_text", "scl_image",
+    "scl_logits", "scl"} and "correct". With visual prompts `images` [B, 3, H, W] go through the prompted image
+    tower here (feats, tokens None); without them the frozen tower's feats / tokens are given (images None). Its
+    only submodule is the prompt learner (what DDP synchronises and torch.compile traces with the frozen towers);
+    CLIP is referenced, not owned.
+
+    PromptSRC's SCL (any train.lambda_scl_* > 0): frozen_text [N, E] (`selfreg.ensemble_text_features`, computed
+    once by the caller) is needed for lambda_scl_text / lambda_scl_logits. Frozen CLIP's image features are the
+    unprompted tower on `images` (one more tower pass, no grad) with visual prompts, else the given feats (the
+    tower has no prompts then). Zero-shot logits: `model.scores(frozen image, frozen_text)`, no grad."""
 
     def __init__(self, model: IntCoOp, suffixes, tc, use_attr: bool):
         super().__init__()
@@ -67,16 +81,33 @@ class StepModule(nn.Module):
         self.suffixes, self.tc = suffixes, tc
         self.use_attr = use_attr and model.prompt.attr is not None and bool(tc.lambda_attr)
         self.oracle = model.config.attributes == "oracle"
+        self.scl = selfreg.enabled(tc)
 
-    def forward(self, feats, tokens, labels, target, valid, denom, hand):
+    def forward(self, images, feats, tokens, labels, target, valid, denom, hand, frozen_text=None):
         m, tc = self._model, self.tc
+        frozen = None
+        if images is not None:
+            if tc.lambda_scl_image or tc.lambda_scl_logits:
+                frozen = selfreg.frozen_image_features(m, images)
+            feats, tokens = m.image_features(images)
+        elif self.scl:
+            frozen = feats
+        if (tc.lambda_scl_text or tc.lambda_scl_logits) and frozen_text is None:
+            raise ValueError("train.lambda_scl_text / lambda_scl_logits need frozen_text "
+                             "(selfreg.ensemble_text_features of the classes)")
         oracle = torch.where(valid[:, None], target, torch.full_like(target, float("nan"))) if self.oracle else None
         prefix, pred = m.prompt_prefix(feats=feats, tokens=tokens, attr_targets=oracle, return_attrs=True)
-        text = m.text_features(prefix, self.suffixes)            # the fast encoder, suffixes tokenised once
+        text = m.text_features(m.text_rows(prefix), self.suffixes)   # the fast encoder, suffixes tokenised once
         logits = m.scores(feats, text)
+        zs = None
+        if tc.lambda_scl_logits:
+            with torch.no_grad():
+                zs = m.scores(frozen, frozen_text[None])
         parts = losses.objective(logits, labels, pred_attrs=pred if self.use_attr else None, attr_target=target,
-                                 attr_valid=valid, attr_denom=denom, text=text if hand is not None else None,
-                                 hand=hand, lambda_attr=tc.lambda_attr, lambda_reg=tc.lambda_reg,
-                                 attr_loss=tc.attr_loss)
+                                 attr_valid=valid, attr_denom=denom, text=text, hand=hand,
+                                 lambda_attr=tc.lambda_attr, lambda_reg=tc.lambda_reg, attr_loss=tc.attr_loss,
+                                 feats=feats, frozen_feats=frozen, frozen_text=frozen_text, zs_logits=zs,
+                                 lambda_scl_text=tc.lambda_scl_text, lambda_scl_image=tc.lambda_scl_image,
+                                 lambda_scl_logits=tc.lambda_scl_logits)
         parts["correct"] = (logits.detach().argmax(-1) == labels).sum()
         return parts

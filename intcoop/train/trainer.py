@@ -32,6 +32,14 @@ What a run does (METHOD.md objective, CoOp's recipe):
   Under `torchrun --standalone --max-restarts N`, a restarted job resumes by itself from the last.pt it wrote; a
   folder holding another run is refused without `--resume` or `--overwrite`.
   `<out>/best.pt` when validation items are given (best validation accuracy).
+- PromptSRC (`selfreg`): train.lambda_scl_* > 0 adds its self-regularisation to the objective (the template-
+  ensemble text targets are computed once at the start); train.gpa_std > 0 turns on Gaussian prompt
+  aggregation: after epoch e (1-based) the prompt learner's parameters, weighted by w_e ~ N(e; gpa_mean,
+  gpa_std) (sum 1 over the epochs), are added to an accumulator that every checkpoint carries ("gpa"), so that a
+  resumed run aggregates what an uninterrupted one does. After the last epoch the aggregate REPLACES the
+  parameters: the last epoch's validation, last.pt and the returned model are the aggregate's. With GPA, best.pt
+  (when validation items are given) is not the best epoch: it is the final aggregate, written at the end, and
+  its metrics' best_val_acc is the aggregate's val_acc (intermediate epochs' prompts are not the method's model).
 - Progress bar (tqdm: loss, images/s); `<out>/metrics.csv` (epoch, step, lr, loss parts, acc, images/s, val_acc)
   every `log_every` steps and at each epoch's end, TensorBoard under `<out>/tb` when `torch.utils.tensorboard`
   imports; `<out>/config.yaml` at the start. A non-finite loss stops the run with an error naming the first bad
@@ -53,7 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import losses
+from . import losses, selfreg
 from ..clip import image_size
 from .checkpoint import clip_record, load_prompt_state, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import RunConfig, save_config
@@ -158,6 +166,11 @@ class Trainer:
             self.hand.classes()
             if tc.regulariser == "attribute" and self.attr is not None:
                 self.hand.precompute(self.attr.words)          # all words at once: the same bits on --resume
+        self.frozen_text = None                             # PromptSRC's template-ensemble text targets [N, E]
+        if tc.lambda_scl_text or tc.lambda_scl_logits:
+            self.frozen_text = selfreg.ensemble_text_features(model.clip, model.tokenizer, self.classnames,
+                                                              device=self.device)
+        self.gpa = selfreg.GaussianAggregate(tc.epochs, tc.gpa_mean, tc.gpa_std) if tc.gpa_std > 0 else None
         self._cache_on = self._caching()
         self.loader = self._make_loader()
         self.cache = self._build_cache() if self._cache_on else None
@@ -241,12 +254,15 @@ class Trainer:
                 self.epoch = epoch
                 self._run_epoch(epoch)
                 self.sched.step()
+                if self.gpa is not None:                    # every rank alike (their parameters are equal)
+                    self._aggregate(epoch + 1)
                 if not self.is_main:
                     continue
                 improved = False
                 if self.val_items:                          # rank 0 only; the others wait at the next collective
                     acc = self.metrics["val_acc"] = self.evaluate(self.val_items)
-                    improved = acc > self.metrics.get("best_val_acc", -1.0)
+                    improved = (acc > self.metrics.get("best_val_acc", -1.0) if self.gpa is None
+                                else epoch + 1 == tc.epochs)   # GPA: best.pt is the final aggregate
                     if improved:
                         self.metrics["best_val_acc"] = acc
                     self._log_row({"epoch": epoch + 1, "step": self.step, "val_acc": acc})
@@ -262,6 +278,15 @@ class Trainer:
             if self._own_group and dist.is_initialized():
                 dist.destroy_process_group()
         return dict(self.metrics)
+
+    @torch.no_grad()
+    def _aggregate(self, epoch: int) -> None:
+        """GPA after epoch `epoch` (1-based); after the last, the aggregate replaces the learned parameters."""
+        params = dict(self.model.prompt.named_parameters())
+        self.gpa.accumulate({k: p.detach() for k, p in params.items()}, epoch)
+        if epoch == self.config.train.epochs:
+            for k, v in self.gpa.result().items():
+                params[k].copy_(v)
 
     def _run_epoch(self, epoch: int) -> None:
         from tqdm.auto import tqdm
@@ -285,9 +310,12 @@ class Trainer:
 
     def _batch_inputs(self, batch):
         x, labels, idx = batch
+        images = feats = tokens = None
         if self.cache is not None:
             feats = self.cache[0][idx].to(self.device, non_blocking=True)
             tokens = self.cache[1][idx].to(self.device, non_blocking=True) if self.cache[1] is not None else None
+        elif self.model.visual_prompted:                     # the prompted tower runs inside the step
+            images = x.to(self.device, self.model.dtype, non_blocking=True)
         else:
             feats, tokens = self._image_features(x)
         a = self.attr
@@ -303,7 +331,7 @@ class Trainer:
                 hand = self.hand.for_words([a.words[j] for j in idx.tolist()])
             else:
                 hand = self.hand.classes()
-        return feats, tokens, labels.to(self.device, non_blocking=True), target, valid, denom, hand
+        return images, feats, tokens, labels.to(self.device, non_blocking=True), target, valid, denom, hand
 
     def _train_step(self, batch):
         inputs = self._batch_inputs(batch)
@@ -311,7 +339,7 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             try:
                 with autocast(self.precision, self.device):
-                    parts = self._forward(*inputs)
+                    parts = self._forward(*inputs, frozen_text=self.frozen_text)
                 parts["loss"].backward()
                 break
             except Exception as exc:                       # torch.compile failures: fall back to eager once
@@ -321,19 +349,21 @@ class Trainer:
                 self._forward, self._compile_checked = self._eager, True
         self._compile_checked = True
         self.opt.step()
-        return {k: v.detach() for k, v in parts.items()}, inputs[2].shape[0]
+        return {k: v.detach() for k, v in parts.items()}, inputs[3].shape[0]
 
     # ----------------------------------------------------------------------------------------- metrics
     def _flush(self, window: "_Window", epoch: int) -> dict:
         sums, bad = window.reduce(self.world)
         if bad is not None or sums[-1] > 0:
             where = (f"at epoch {epoch + 1}, step {bad[0]} (loss {bad[1]:.4g}: ce {bad[2]:.4g}, attr {bad[3]:.4g}, "
-                     f"reg {bad[4]:.4g})" if bad is not None else f"on another process, epoch {epoch + 1}")
+                     f"reg {bad[4]:.4g}, scl {bad[5]:.4g})" if bad is not None
+                     else f"on another process, epoch {epoch + 1}")
             raise FloatingPointError(f"training stopped: non-finite loss {where}; lower train.lr, or check the "
                                      f"inputs (precision={self.precision})")
-        loss, ce, attr, reg, correct, images, steps, _ = sums
+        loss, ce, attr, reg, scl, correct, images, steps, _ = sums
         row = {"epoch": epoch + 1, "step": self.step, "lr": self.opt.param_groups[0]["lr"], "loss": loss / steps,
-               "ce": ce / steps, "attr": attr / steps, "reg": reg / steps, "acc": correct / max(images, 1),
+               "ce": ce / steps, "attr": attr / steps, "reg": reg / steps, "scl": scl / steps,
+               "acc": correct / max(images, 1),
                "images_per_s": images / max(window.elapsed(), 1e-9)}
         window.reset()
         self.metrics.update(row)
@@ -372,7 +402,7 @@ class Trainer:
                 "epoch": epochs_done, "step": self.step, "rng": rng_state(self.loader.generator),
                 "classnames": list(self.classnames), "template": self.template, "clip": self.clip_record,
                 "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))},
-                "elastic_run_id": _elastic_run_id(),
+                "elastic_run_id": _elastic_run_id(), "gpa": self.gpa.state_dict() if self.gpa is not None else None,
                 "versions": {"torch": str(torch.__version__), "intcoop": _version()}}
 
     def _resume(self) -> int:
@@ -391,6 +421,11 @@ class Trainer:
         if changed:
             warnings.warn(f"resume: training settings differ from {path} ({'; '.join(changed)}); the result will "
                           f"not match an uninterrupted run")
+        if self.gpa is not None:                            # the accumulator of the epochs done
+            if ckpt.get("gpa") is None:
+                raise ValueError(f"resume: {path} was written without prompt aggregation (train.gpa_std 0): its "
+                                 f"epochs cannot be aggregated; resume with train.gpa_std=0 or start again")
+            self.gpa.load_state_dict(ckpt["gpa"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"], self.loader.generator)

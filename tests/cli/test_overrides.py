@@ -60,8 +60,20 @@ def test_none_words_mean_no_weights(word):
 
 
 def test_n_ctx_against_ctx_init_names_the_field_to_change():
-    msg = _error(["model.n_ctx=2"])
-    assert msg.startswith("--set model.n_ctx=2:") and "model.ctx_init" in msg and "4 tokens" in msg
+    msg = _error(["model.n_ctx=6"])
+    assert msg.startswith("--set model.n_ctx=6:") and "model.ctx_init" in msg and "4 tokens" in msg
+    cfg = load_config(DEMO, parse_overrides(["model.n_ctx=2"], flag="--set"))   # fewer: "of a" stay fixed words
+    assert cfg.model.prefix_len == 1 + 2 + 2 + (0 if cfg.model.attributes == "off" else cfg.model.attr_tokens)
+
+
+def test_deep_prompt_fields_that_must_agree():
+    msg = _error(["model.visual_prompts=independent"])       # the shipped demo caches features: blame the override
+    assert msg.startswith("--set model.visual_prompts=independent:") and "train.cache_features needs" in msg
+    off = ["train.cache_features=false"]
+    assert "needs model.text_depth >= 1" in _error(off + ["model.visual_prompts=coupled", "model.text_depth=0"])
+    assert "model.visual_prompts must be one of off, independent, coupled" in _error(["model.visual_prompts=deep"])
+    assert "model.visual_depth must be >= 1" in _error(["model.visual_depth=0"])
+    assert "train.gpa_std = 0" in _error(["train.gpa_mean=15"])
 
 
 def test_bad_yaml_entries_name_the_file(tmp_path):

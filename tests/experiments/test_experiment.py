@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import intcoop
 from PIL import Image
 
 from intcoop.train.checkpoint import read_checkpoint
@@ -267,8 +269,12 @@ def test_ablation_table_has_every_variant(root, tmp_path):
     assert [r["variant"] for r in rows] == names and len(names) == len(VARIANTS) + 1
     assert list(rows[0])[:5] == ["variant", "group", "base", "novel", "HM"]
     by = {r["variant"]: r for r in rows}
+    deep = {"IVLP": "text_depth=12", "VPT": "visual_depth=12", "MaPLe": "text_depth=9", "PromptSRC": "text_depth=9"}
+    for name, why in deep.items():              # depths past the 2-layer tiny CLIP: listed, not run, with the reason
+        assert by[name]["note"].startswith("not run: model.") and why in by[name]["note"], by[name]["note"]
+        assert by[name].get("base") is None
     assert all(r["base"] is not None and r["HM"] == pytest.approx(hm(r["base"], r["novel"]), abs=1e-3)
-               for r in rows)
+               for r in rows if r["variant"] not in deep)
     assert by["CoOp"]["group"] == "baseline" and by["attributes=oracle"]["group"] == "attributes"
     # IntCoOp, conditioning=attention, attributes=predicted/oracle/shuffled share one training
     assert len(counting.runs) == len(set(counting.runs)) == 8
@@ -287,6 +293,35 @@ def test_ablation_table_has_every_variant(root, tmp_path):
     oracle = cell(out, f"ablation-base2novel-oxford_pets-{SHOTS}shot-seed1-attributes-oracle")
     assert [r["attributes"] for r in oracle["results"]] == ["oracle", "oracle"]
     assert (out / "ablation.md").read_text().count("\n") == len(names) + 2
+
+
+@NO_LABELS
+def test_ablation_runs_the_deep_prompt_methods_beside_the_others(root, tmp_path):
+    """IVLP, VPT, MaPLe, PromptSRC at their shipped depths, beside CoOp, on a CLIP deep enough for them (a tiny
+    12-layer open_clip config registered for this test): every row has its metrics; each run's checkpoint holds
+    the method's prompts."""
+    import json
+
+    import open_clip
+
+    conf = json.loads((Path(intcoop.__file__).with_name("configs") / "intcoop-tiny.json").read_text())
+    conf["vision_cfg"]["layers"] = conf["text_cfg"]["layers"] = 12
+    (tmp_path / "intcoop-tiny12.json").write_text(json.dumps(conf))
+    open_clip.add_model_config(tmp_path / "intcoop-tiny12.json")
+    names = ["CoOp", "IVLP", "VPT", "MaPLe", "PromptSRC"]
+    out = tmp_path / "abl"
+    rows = run_ablation("oxford_pets", root, [1], SHOTS, (), None, out, variants=names, progress=False,
+                        overrides={**TINY, "model.clip": "intcoop-tiny12"}, log=lambda s: None)
+    assert [r["variant"] for r in rows] == names
+    for r in rows:
+        assert r["base"] is not None and r["novel"] is not None and not r["note"].startswith("not run"), r
+        ck = read_checkpoint(out / "runs" / cell(out, f"ablation-base2novel-oxford_pets-{SHOTS}shot-seed1-"
+                                                 f"{r['variant']}")["run"] / "last.pt")
+        keys = set(ck["prompt"])
+        assert ("visual.tokens.11" in keys) == (r["variant"] in ("IVLP", "VPT")), r["variant"]
+        assert ("visual.projs.7.weight" in keys) == (r["variant"] == "MaPLe")
+        assert ("deep_text.10" in keys) == (r["variant"] == "IVLP")
+        assert ("deep_text.7" in keys) == (r["variant"] in ("IVLP", "MaPLe", "PromptSRC"))
 
 
 def test_ablation_without_labels_lists_what_it_cannot_run(root, tmp_path):

@@ -33,15 +33,6 @@ WORDS = ["red", "green", None, "blue", "shiny", "striped"]
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """4 classes x 6 training photos (crops of 4 sample photographs), 32 px."""
-    root = tmp_path_factory.mktemp("small")
-    build_demo_dataset(root, classes=4, per_class=6, val_per_class=2, test_per_class=2, size=32, source="photos",
-                       overwrite=True)
-    return load_dataset("imagefolder", root)
-
-
-@pytest.fixture(scope="module")
 def small_labels(small):
     return {it.id: WORDS[i % len(WORDS)] for i, it in enumerate(small.train)}
 

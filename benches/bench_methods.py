@@ -33,7 +33,9 @@ Sizes (environment overrides INTCOOP_BENCH_METHODS_{B,N,EVAL_B,EVAL_N,STEPS}; IN
 runs a subset): CPU B = 4, N = 100, EVAL_B = 8, STEPS = 2; GPU B = 32, N = 100, EVAL_B = 64, STEPS = 5.
 INTCOOP_BENCH_REHEARSE=1 without a GPU (tests/test_bench_rehearsal.py): intcoop's tiny CLIP, B 2, N 5, EVAL_B 2,
 EVAL_N 7, STEPS 1, deep depths cut to its 2 layers; it checks the code, its figures mean nothing.
-Runtime on the project's 2-core CPU: about 8 minutes for the 16 rows (see benches/RESULTS.md).
+Runtime on the project's 2-core CPU: about 14 minutes for the 16 rows, 8 of them PromptSRC's one-time setup (its
+60-template ensemble through the padded 77-token text tower: 340 s fp32, 150 s bf16 at N = 100); the other 14 rows
+take about 5 minutes (INTCOOP_BENCH_METHODS_ONLY to leave PromptSRC out). See benches/RESULTS.md.
 """
 import copy
 import dataclasses

@@ -5,7 +5,6 @@ one process, and evaluates through the fast path (`intcoop eval`, the one infere
 Runs use the tiny CLIP of conftest (2 + 2 layers, so the depths are capped at 2) and real photos.
 """
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -167,4 +166,3 @@ def test_ddp_gloo_two_processes_equals_one_process(tmp_path, small, name):
 def test_feature_cache_is_refused_with_visual_prompts(tmp_path, small):
     with pytest.raises(ValueError, match="train.cache_features needs a frozen image tower"):
         apply_overrides(_cfg("ivlp", small, tmp_path), {"train.cache_features": True})
-    json.dumps(_overrides("ivlp", small.root, tmp_path))   # the overrides are plain values (CLI-typeable)

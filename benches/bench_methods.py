@@ -33,9 +33,11 @@ Sizes (environment overrides INTCOOP_BENCH_METHODS_{B,N,EVAL_B,EVAL_N,STEPS}; IN
 runs a subset): CPU B = 4, N = 100, EVAL_B = 8, STEPS = 2; GPU B = 32, N = 100, EVAL_B = 64, STEPS = 5.
 INTCOOP_BENCH_REHEARSE=1 without a GPU (tests/test_bench_rehearsal.py): intcoop's tiny CLIP, B 2, N 5, EVAL_B 2,
 EVAL_N 7, STEPS 1, deep depths cut to its 2 layers; it checks the code, its figures mean nothing.
-Runtime on the project's 2-core CPU: about 14 minutes for the 16 rows, 8 of them PromptSRC's one-time setup (its
-60-template ensemble through the padded 77-token text tower: 340 s fp32, 150 s bf16 at N = 100); the other 14 rows
-take about 5 minutes (INTCOOP_BENCH_METHODS_ONLY to leave PromptSRC out). See benches/RESULTS.md.
+Runtime on the project's 2-core CPU: about 14 minutes for the 16 rows when PromptSRC's one-time setup (its
+60-template ensemble) ran through the padded 77-token text tower (340 s fp32, 150 s bf16 at N = 100); it now runs
+through the fast encoder (22 s fp32 at N = 100). The other 14 rows take about 5 minutes
+(INTCOOP_BENCH_METHODS_ONLY to leave PromptSRC out). bf16 rows skip on a CPU without bf16 matmul instructions
+(`intcoop.inference.slow_matmul_note`). See benches/RESULTS.md.
 """
 import copy
 import dataclasses
@@ -51,7 +53,7 @@ from PIL import Image
 
 from bench_train import PeakCUDA, PeakRSS   # benches/ is on sys.path under pytest
 
-from intcoop.benchmarking import REHEARSE_ENV
+from intcoop.benchmarking import REHEARSE_ENV, skip_slow_precision
 from intcoop.clip import TINY_CLIP, load_clip, register_tiny_clip
 from intcoop.config import RunConfig, apply_overrides
 from intcoop.data import Item
@@ -215,6 +217,7 @@ def _eval(model, photos, precision, timed):
 @pytest.mark.parametrize("method", METHODS)
 def test_method_cost(benchmark, timed, record, base_clip, photos, tmp_path, method, prec):
     """One row: the method's training step (s/image, peak memory) and evaluation throughput at EVAL_N classes."""
+    skip_slow_precision(prec, DEVICE)
     row = dict(bench="method cost", method=method, precision=prec, B=B, N=N)
     try:
         trainer, clock, depths = _train(method, prec, base_clip, photos, tmp_path / "run")

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-__all__ = ["wall_time", "wall_median", "REHEARSE_ENV", "gpu_bench_device", "suffix_lengths"]
+__all__ = ["wall_time", "wall_median", "REHEARSE_ENV", "gpu_bench_device", "suffix_lengths", "skip_slow_precision"]
 
 
 def wall_time(fn, *args) -> tuple[float, object]:
@@ -49,3 +49,16 @@ def suffix_lengths(n: int, seed: int) -> list[int]:
     """Suffix lengths ("name . EOT" tokens) of n prompts: 2..14, mean about 4.2 (ImageNet's class names)."""
     g = torch.Generator().manual_seed(seed)
     return (2 + torch.poisson(torch.full((n,), 2.2), generator=g)).clamp(max=14).long().tolist()
+
+
+def skip_slow_precision(precision: str, device) -> None:
+    """Skip a bench row in a precision whose matmuls this device runs in a plain loop (bf16 on a CPU without
+    AVX512-BF16 or AMX: ~100x slower than fp32, hours at the real sizes, and no figure worth having); not when
+    rehearsing at toy sizes (INTCOOP_BENCH_REHEARSE=1), where the code path is what is checked."""
+    import pytest
+
+    from .inference import slow_matmul_note
+
+    note = slow_matmul_note(precision, device)
+    if note and os.environ.get(REHEARSE_ENV) != "1":
+        pytest.skip(note)

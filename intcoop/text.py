@@ -11,6 +11,12 @@ A QuickGELU MLP, c_proj(h * sigmoid(1.702 h)) with h = c_fc(x), runs as c_proj'(
 by 1.702 (c_fc, weight and bias) and 1 / 1.702 (c_proj's product) inside themselves (addmm's alpha / beta), so
 the activation is one elementwise pass instead of three; equal in real arithmetic, to float rounding in floats.
 
+In inference (autograd off) the suffix pass writes its wide GEMMs' outputs (QKV, MLP hidden) into buffers that
+it reuses layer after layer, and adds the residuals in place (`Scratch`): on glibc a fresh tensor of tens of MB
+is a fresh mmap whose page faults cost about as much as a pass over it (with the allocating path, 15 % of fp32
+fast_logits at 2 x 1000 on a 2-core CPU); values equal the allocating path's up to the order of two float
+additions ((x + a W) + b against x + (a W + b)).
+
 Deep text prompts (`deep`, J - 1 tensors [n, D] or [B, n, D]): at the input of layer j = 1..J-1 the hidden states
 of positions 1..n (the context, after SOS) are replaced by deep[j - 1]. Those positions are in the prefix, and
 the prefix never attends to the suffixes (causal), so this changes the prefix pass only: the suffixes see the
@@ -25,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vision import block_mlp, quick_gelu_mlps
+from .vision import QUICK, block_mlp, plain_mlp, quick_gelu_mlps
 from .ops.prefix_attention import HostSegments, prefix_attention
 
-__all__ = ["ClassSuffixes", "class_suffixes", "encode_prompts", "TextTower"]
+__all__ = ["ClassSuffixes", "class_suffixes", "encode_prompts", "template_features", "TextTower"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,20 @@ def class_suffixes(tokenizer, classnames, suffix: str = "{}.", prefix_len: int =
     return ClassSuffixes(ids, pos, cu, cu[1:].long() - 1, max(lengths), lengths, HostSegments.of(lengths))
 
 
+class Scratch:
+    """Output buffers of one suffix pass in inference, reused layer after layer: get(name, shape, like) is an
+    uninitialised tensor of that shape with like's dtype and device, the same one each time it is asked for."""
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+        t = self._bufs.get(name)
+        if t is None or t.shape != torch.Size(shape) or t.dtype != like.dtype or t.device != like.device:
+            t = self._bufs[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return t
+
+
 class TextTower:
     """A read-only view of an open_clip CLIP text tower, run the fast way. Weights are the model's own."""
 
@@ -116,19 +136,46 @@ class TextTower:
         self.width = model.token_embedding.weight.shape[1]
         self.context_length = model.positional_embedding.shape[0]
         self._quick = quick_gelu_mlps(self.blocks)
+        self._reuse = all(isinstance(b.ls_1, nn.Identity) and isinstance(b.ls_2, nn.Identity)
+                          and b.attn.out_proj.bias is not None
+                          and plain_mlp(b.mlp) for b in self.blocks)
 
     # --- pieces of one open_clip ResidualAttentionBlock -------------------------------------------------------
-    def _qkv(self, blk, h: torch.Tensor, which: slice = slice(0, 3)) -> torch.Tensor:
+    def _qkv(self, blk, h: torch.Tensor, which: slice = slice(0, 3), s: Scratch | None = None) -> torch.Tensor:
         """h [..., D] -> [..., n, H, Dh]: the q/k/v projections selected by `which` (n of them)."""
         D = self.width
         W = blk.attn.in_proj_weight.view(3, D, D)[which].reshape(-1, D)
         b = blk.attn.in_proj_bias.view(3, D)[which].reshape(-1)
-        return F.linear(h, W, b).unflatten(-1, (-1, self.heads, D // self.heads))
+        if s is None:
+            y = F.linear(h, W, b)
+        else:
+            rows = h.reshape(-1, D)
+            y = torch.addmm(b, rows, W.t(), out=s.get("qkv", (rows.shape[0], W.shape[0]), rows)).view(
+                *h.shape[:-1], -1)
+        return y.unflatten(-1, (-1, self.heads, D // self.heads))
 
-    def _finish(self, blk, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Residual + out-projection, then the MLP half of the block. attn [..., H, Dh]."""
-        x = x + blk.ls_1(blk.attn.out_proj(attn.flatten(-2)))
-        return x + blk.ls_2(self._mlp(blk, blk.ln_2(x)))
+    def _finish(self, blk, x: torch.Tensor, attn: torch.Tensor, s: Scratch | None = None) -> torch.Tensor:
+        """Residual + out-projection, then the MLP half of the block. attn [..., H, Dh]. With s (inference) and
+        x a contiguous tensor of the pass's own, x is updated in place and the MLP's hidden rows reuse a buffer."""
+        if s is None:
+            x = x + blk.ls_1(blk.attn.out_proj(attn.flatten(-2)))
+            return x + blk.ls_2(self._mlp(blk, blk.ln_2(x)))
+        D, out = self.width, blk.attn.out_proj
+        if x.shape != attn.shape[:-2] + (D,) or not x.is_contiguous():   # layer 0: x [T, D] is every image's
+            x = x + out(attn.flatten(-2))
+            xr = x.view(-1, D)
+        else:
+            xr = x.view(-1, D)
+            xr.addmm_(attn.reshape(-1, D), out.weight.t()).add_(out.bias)
+        h = blk.ln_2(xr)
+        fc, proj = blk.mlp.c_fc, blk.mlp.c_proj
+        buf = s.get("mlp", (h.shape[0], fc.out_features), h)
+        if self._quick:                                # QuickGELU, its 1.702 in the GEMMs (module docstring)
+            y = F.silu(torch.addmm(fc.bias, h, fc.weight.t(), beta=QUICK, alpha=QUICK, out=buf), inplace=True)
+        else:
+            y = blk.mlp.gelu(torch.addmm(fc.bias, h, fc.weight.t(), out=buf))
+        xr.addmm_(y, proj.weight.t(), alpha=1 / QUICK if self._quick else 1).add_(proj.bias)
+        return x
 
     def _mlp(self, blk, h: torch.Tensor) -> torch.Tensor:
         """blk.mlp(h) for h [..., D]; a QuickGELU MLP with its 1.702 folded into the GEMMs (module docstring)."""
@@ -158,6 +205,8 @@ class TextTower:
         """Packed suffixes of N classes for B images against the prefix K/V: text features [B, N, E]."""
         model, B = self.model, kv[0][0].shape[0]
         scale = (self.width // self.heads) ** -0.5
+        s = Scratch() if self._reuse and not (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
+                                              or torch.is_autocast_enabled("cuda")) else None
         # Layer-0 input depends on the class only: [T, D], shared by all images.
         x = (model.token_embedding(suf.ids) + model.positional_embedding[P + suf.pos]).to(dtype)
         last = len(self.blocks) - 1
@@ -165,11 +214,11 @@ class TextTower:
             pk, pv = kv[i]
             h = blk.ln_1(x)
             if i < last:
-                q, k, v = self._qkv(blk, h).expand(B, -1, -1, -1, -1).unbind(-3) if i == 0 else \
-                    self._qkv(blk, h).unbind(-3)
+                q, k, v = self._qkv(blk, h, s=s).expand(B, -1, -1, -1, -1).unbind(-3) if i == 0 else \
+                    self._qkv(blk, h, s=s).unbind(-3)
                 a = prefix_attention(q, k, v, pk, pv, suf.cu, suf.cu, suf.max_len, suf.max_len, scale,
                                      host_q=suf.host, host_k=suf.host)
-                x = self._finish(blk, x, a)                         # layer 0: [T, D] + [B, T, D] -> [B, T, D]
+                x = self._finish(blk, x, a, s)                      # layer 0: [T, D] + [B, T, D] -> [B, T, D]
             else:                                                    # last layer: queries and MLP at EOT only
                 k, v = self._qkv(blk, h, slice(1, 3)).unbind(-3)
                 if i == 0:
@@ -181,7 +230,7 @@ class TextTower:
                 ones = torch.arange(len(suf.lengths) + 1, dtype=torch.int32, device=suf.cu.device)
                 a = prefix_attention(q, k, v, pk, pv, ones, suf.cu, 1, suf.max_len, scale,
                                      host_q=HostSegments.uniform(len(suf.lengths)), host_k=suf.host)
-                x = self._finish(blk, x_eot, a)                      # [B, N, D]
+                x = self._finish(blk, x_eot, a, s)                   # [B, N, D]
         x = model.ln_final(x)
         proj = model.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj.to(x.dtype)
@@ -224,6 +273,36 @@ def encode_prompts(clip, prefix: torch.Tensor, classnames, *, suffix: str = "{}.
     _check_deep(deep, prefix, tower)
     suf = class_suffixes(tokenizer, classnames, suffix, prefix.shape[1], tower.context_length)
     return tower.encode(prefix, suf.to(prefix.device), max_rows, deep)
+
+
+@torch.no_grad()
+def template_features(clip, tokenizer, templates, classnames, max_rows: int = 1 << 16,
+                      batch_size: int = 256) -> torch.Tensor:
+    """encode_text(t.format(c)) of every template t and class name c: [T, N, E] float32, the fast way.
+
+    A template splits at its "{}" into a head and a tail: SOS + the head's tokens are a prefix, run through the
+    tower once, and "{}" + tail is the suffix of every class, packed (`encode_prompts`). That is the whole
+    prompt's tokenisation whenever the head ends in a space (CLIP's BPE never joins across one); it is checked
+    per template, and a template where it differs for some class, or whose prompt exceeds the context (which
+    encode_text truncates), goes through clip.encode_text instead, batch_size prompts at a time."""
+    tower = TextTower(clip)
+    emb = clip.token_embedding
+    dev = emb.weight.device
+    out = []
+    for t in templates:
+        head, _, tail = t.partition("{}")
+        ids = [tokenizer.sot_token_id] + list(tokenizer.encode(head))
+        split = [tuple(ids[1:]) + s[:-1] for s in _suffix_tokens(tokenizer, tuple(classnames), "{}" + tail)]
+        whole = [tuple(tokenizer.encode(t.format(c))) for c in classnames]
+        if split == whole and 2 + max(map(len, whole)) <= tower.context_length:
+            suf = class_suffixes(tokenizer, classnames, "{}" + tail, len(ids), tower.context_length).to(dev)
+            feats = tower.encode(emb(torch.tensor([ids], device=dev)), suf, max_rows)[0]
+        else:
+            texts = [t.format(c) for c in classnames]
+            feats = torch.cat([clip.encode_text(tokenizer(texts[i:i + batch_size]).to(dev))
+                               for i in range(0, len(texts), batch_size)])
+        out.append(feats.float())
+    return torch.stack(out)
 
 
 def _check_deep(deep, prefix: torch.Tensor, tower: TextTower) -> None:

@@ -13,21 +13,21 @@ from torch import nn
 
 from .clip import _plain_vit
 
-__all__ = ["prompted_image_features", "block_mlp", "quick_gelu_mlps"]
+__all__ = ["prompted_image_features", "block_mlp", "plain_mlp", "quick_gelu_mlps"]
 
-_QUICK = 1.702       # QuickGELU(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702
+QUICK = 1.702       # QuickGELU(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702
+
+
+def plain_mlp(mlp) -> bool:
+    """True when mlp is open_clip's Sequential(c_fc: Linear, gelu, c_proj: Linear), biases included."""
+    return isinstance(mlp, nn.Sequential) and list(mlp._modules) == ["c_fc", "gelu", "c_proj"] and all(
+        isinstance(m, nn.Linear) and m.bias is not None for m in (mlp.c_fc, mlp.c_proj))
 
 
 def quick_gelu_mlps(blocks) -> bool:
     """True when every block's MLP is open_clip's Linear -> QuickGELU -> Linear (the foldable form)."""
-    try:
-        from open_clip.transformer import QuickGELU
-    except ImportError:                                 # pragma: no cover - open_clip is a dependency
-        return False
-    keys = ("c_fc", "gelu", "c_proj")
-    return all(isinstance(getattr(b, "mlp", None), nn.Sequential) and list(b.mlp._modules) == list(keys)
-               and isinstance(b.mlp.gelu, QuickGELU) and isinstance(b.mlp.c_fc, nn.Linear)
-               and b.mlp.c_fc.bias is not None and b.mlp.c_proj.bias is not None for b in blocks)
+    from open_clip.transformer import QuickGELU
+    return all(plain_mlp(getattr(b, "mlp", None)) and isinstance(b.mlp.gelu, QuickGELU) for b in blocks)
 
 
 def block_mlp(blk, h: torch.Tensor) -> torch.Tensor:
@@ -35,8 +35,8 @@ def block_mlp(blk, h: torch.Tensor) -> torch.Tensor:
     QuickGELU's 1.702 inside the GEMMs (addmm's alpha / beta): one elementwise pass instead of three."""
     fc, proj = blk.mlp.c_fc, blk.mlp.c_proj
     rows = h.reshape(-1, h.shape[-1])
-    y = torch.addmm(fc.bias, rows, fc.weight.t(), beta=_QUICK, alpha=_QUICK)          # 1.702 * c_fc(h)
-    out = torch.addmm(proj.bias, F.silu(y), proj.weight.t(), alpha=1 / _QUICK)
+    y = torch.addmm(fc.bias, rows, fc.weight.t(), beta=QUICK, alpha=QUICK)          # 1.702 * c_fc(h)
+    out = torch.addmm(proj.bias, F.silu(y), proj.weight.t(), alpha=1 / QUICK)
     return out.view(*h.shape[:-1], out.shape[-1])
 
 

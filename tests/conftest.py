@@ -23,8 +23,9 @@ torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def tiny_clip(seed: int = 0, image_size: int = 32, layers: int = 2):
-    """An open_clip CLIP with the real BPE vocabulary and 77-token context, but tiny towers (width 64)."""
+def tiny_clip(seed: int = 0, image_size: int = 32, layers: int = 2, quick_gelu: bool = False):
+    """An open_clip CLIP with the real BPE vocabulary and 77-token context, but tiny towers (width 64); GELU MLPs,
+    or QuickGELU ones (OpenAI's) with quick_gelu."""
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
@@ -33,6 +34,7 @@ def tiny_clip(seed: int = 0, image_size: int = 32, layers: int = 2):
         embed_dim=48,
         vision_cfg=CLIPVisionCfg(layers=layers, width=64, head_width=32, patch_size=8, image_size=image_size),
         text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=4, layers=layers),
+        quick_gelu=quick_gelu,
     )
     _randomise(model, seed)
     return model.eval()

@@ -204,3 +204,28 @@ def test_training_a_low_precision_model_tracks_fp32(tmp_path, precision):
         assert rel <= UPDATE_RTOL[precision], (k, rel)
     reloaded = load_trained(tmp_path / precision / "last.pt", tiny_clip())
     assert reloaded.dtype == PRECISIONS[precision] and reloaded.config.precision == precision
+
+
+def test_slow_low_precision_matmuls_are_named_once(monkeypatch):
+    """bf16 / fp16 on a CPU without their matmul instructions (AVX512-BF16 or AMX; AMX-FP16) is ~100x slower than
+    fp32 there: the inference loop and the trainer warn once, naming the precision and the CPU's instruction set;
+    with the instructions (or on a GPU, or in fp32) nothing is said."""
+    import warnings
+
+    from intcoop import inference
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    monkeypatch.setattr(inference, "_warned", set())
+    note = inference.slow_matmul_note("bf16", "cpu")
+    assert "bf16" in note and "AVX512-BF16 or AMX" in note and "fp32" in note
+    assert "AMX-FP16" in inference.slow_matmul_note("fp16", "cpu")
+    assert inference.slow_matmul_note("fp32", "cpu") is None and inference.slow_matmul_note("bf16", "cuda") is None
+    m = _model("bf16")
+    with pytest.warns(RuntimeWarning, match="bf16 on this CPU"):
+        intcoop.fast_logits(_images(1), NAMES, m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        intcoop.fast_logits(_images(1), NAMES, m)                      # once per process and precision
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert inference.slow_matmul_note("bf16", "cpu") is None

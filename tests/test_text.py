@@ -145,3 +145,69 @@ def test_bad_prefix(clip_tiny):
         encode_prompts(clip_tiny, torch.randn(2, 5, 63), ["cat"])
     with pytest.raises(ValueError, match="floating point"):
         encode_prompts(clip_tiny, torch.ones(2, 5, 64, dtype=torch.long), ["cat"])
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["gelu", "quickgelu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_inference_reuses_buffers_and_equals_the_reference(quick, dtype, monkeypatch):
+    """Autograd off: the suffix pass writes into buffers it reuses layer after layer and adds the residuals in
+    place (text.Scratch). Its features equal the allocating path's (autograd on) and open_clip's 77-token
+    sequences: to fp64 rounding, and in bf16 within the bf16 tolerance (GELU and QuickGELU MLPs, deep tokens)."""
+    from conftest import tiny_clip
+
+    from intcoop import text
+    from intcoop.clip import load_clip
+    from intcoop.testing import PRECISION_TOLERANCES
+
+    clip = load_clip(tiny_clip(seed=3, layers=4, quick_gelu=quick).to(dtype))
+    assert text.TextTower(clip.model)._quick == quick
+    prefix = _prefix(clip, 3, 5, dtype, seed=4)
+    deep = [torch.randn(3, 64, generator=torch.Generator().manual_seed(5)).to(dtype) * 0.02]
+    names = NAMES * 3
+    asked = []
+    real_get = text.Scratch.get
+    monkeypatch.setattr(text.Scratch, "get", lambda self, name, shape, like: asked.append(name) or
+                        real_get(self, name, shape, like))
+    with torch.inference_mode():
+        fast = encode_prompts(clip, prefix, names, deep=deep)
+    assert {"qkv", "mlp"} <= set(asked), asked                 # the buffered path ran
+    asked.clear()
+    with torch.enable_grad():
+        plain = encode_prompts(clip, prefix.clone().requires_grad_(), names, deep=deep)
+    assert not asked                                                   # and this one did not
+    with torch.no_grad():
+        ref = encode_prompts_reference(clip.model, prefix, names, clip.tokenizer, deep=deep)
+    if dtype == torch.float64:
+        assert_close(fast, plain.detach(), dtype)
+        assert_close(fast, ref, dtype)
+    else:
+        cos = PRECISION_TOLERANCES[dtype]["cos_atol"]
+        unit = [torch.nn.functional.normalize(t.detach().float(), dim=-1) for t in (fast, plain, ref)]
+        assert float((unit[0] - unit[2]).abs().max()) <= cos
+        assert float((unit[0] - unit[1]).abs().max()) <= cos
+
+
+def test_template_features_equal_encode_text(clip_tiny, monkeypatch):
+    """text.template_features: encode_text(t.format(c)) for every template and class, the head as a prefix run once
+    and the names as packed suffixes; a template whose split tokenisation differs ("a photo of a{}": "adog" is
+    not "a" + "dog") or whose prompt is longer than the context goes through encode_text, as before."""
+    from intcoop.text import template_features
+
+    clip, tok = clip_tiny.model, clip_tiny.tokenizer
+    long = _max_name(tok, 75)                                          # fits "{}." alone, not after a head
+    names = ["dog", "tree frog", "crane", "crane", "café au lait!", long]
+    templates = ["a photo of a {}.", "{} in the wild", "itap of the {}.", "a photo of a{}"]
+    calls = []
+    real = clip.encode_text
+    monkeypatch.setattr(clip, "encode_text", lambda ids, **kw: calls.append(ids.shape[0]) or real(ids, **kw))
+    got = template_features(clip, tok, templates, names, batch_size=4)
+    assert got.shape == (4, len(names), clip.text_projection.shape[1]) and got.dtype == torch.float32
+    assert calls == [4, 2, 4, 2, 4, 2, 4, 2]       # the long name: every template through encode_text
+    calls.clear()
+    got_short = template_features(clip, tok, templates, names[:-1])
+    assert calls == [5]                             # without it, only the glued head
+    with torch.no_grad():
+        want = torch.stack([real(tok([t.format(c) for c in names])) for t in templates])
+    assert_close(got, want, torch.float32)
+    assert_close(got_short, want[:, :-1], torch.float32)
+    assert (got[0, 2] == got[0, 3]).all()           # duplicate names, identical rows

@@ -14,7 +14,8 @@
 - `objective(...)`: the sum and its parts, as a dict of tensors {"loss", "ce", "attr", "reg", "scl_text",
   "scl_image", "scl_logits", "scl"} (for logging; "scl" is the weighted sum of the three SCL terms).
 - `HandFeatures`: frozen CLIP text features of the hand-crafted prompts, computed once and cached:
-  `classes()` [N, E] for "template.format(c)" (regulariser=class, with `clip.encode_text` under no_grad), and
+  `classes()` [N, E] for "template.format(c)" (regulariser=class, `text.template_features`: encode_text's
+  values through the fast encoder, under no_grad), and
   `for_words(words)` [B, N, E] for "a photo of a {a} {c}." (regulariser=attribute; None -> the class prompt),
   computed once per word with the fast text encoder (a prefix "[SOS] a photo of a {a}" and the packed suffixes
   "{c}." of the N classes: the same tokens as the full prompt, so the same features; tests check this against
@@ -27,7 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..text import TextTower, class_suffixes
+from ..text import TextTower, class_suffixes, template_features
 from . import selfreg
 
 __all__ = ["cross_entropy", "attribute_loss", "regulariser_loss", "objective", "HandFeatures",
@@ -133,11 +134,8 @@ class HandFeatures:
     def classes(self) -> torch.Tensor:
         """[N, E]: encode_text of template.format(c) for every class (regulariser=class)."""
         if self._classes is None:
-            dev = self.clip.token_embedding.weight.device
-            texts = [self.template.format(c) for c in self.classnames]
-            parts = [self.clip.encode_text(self.tokenizer(texts[i:i + self.batch_size]).to(dev)).float()
-                     for i in range(0, len(texts), self.batch_size)]
-            self._classes = torch.cat(parts).to(self.device)
+            self._classes = template_features(self.clip, self.tokenizer, [self.template], self.classnames,
+                                              batch_size=self.batch_size)[0].to(self.device)
         return self._classes
 
     @torch.no_grad()

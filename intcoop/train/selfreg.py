@@ -5,7 +5,8 @@ feeds them; `trainer.Trainer` builds the text targets once and runs the aggregat
 Frozen targets (frozen CLIP, no prompts, no gradients):
 - `ensemble_text_features(clip, tokenizer, classnames, templates=ENSEMBLE_TEMPLATES)` -> [N, E] float32:
   per class c, mean over the templates T of encode_text(T.format(c)) (un-normalised features averaged), then
-  L2-normalised. Computed once per run.
+  L2-normalised. Computed once per run, through the fast text encoder (`text.template_features`: each template's
+  head is a prefix run once, the class names packed suffixes).
 - `frozen_image_features(model, images [B, 3, H, W])` -> [B, E] in the model's dtype: the image tower WITHOUT
   visual prompts (`clip.image_features(..., tokens=False)`), autocast off, as `IntCoOp.image_features` runs it.
 - Zero-shot logits are `model.scores(frozen_image, frozen_text[None])`: exp(logit_scale) * cos, [B, N].
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from ..clip import image_features
 from ..data.templates import ENSEMBLE_TEMPLATES
+from ..text import template_features
 
 __all__ = ["enabled", "ensemble_text_features", "frozen_image_features", "scl_text", "scl_image", "scl_logits",
            "GaussianAggregate"]
@@ -54,11 +56,8 @@ def ensemble_text_features(clip, tokenizer, classnames: Sequence[str], templates
     if bad:
         raise ValueError(f"template {bad[0]!r} must contain '{{}}' where the class name goes")
     dev = clip.token_embedding.weight.device
-    texts = [t.format(c) for t in templates for c in classnames]           # template-major: [T * N]
-    feats = torch.cat([clip.encode_text(tokenizer(texts[i:i + batch_size]).to(dev)).float()
-                       for i in range(0, len(texts), batch_size)])
-    mean = feats.view(len(templates), len(classnames), -1).mean(0)
-    return F.normalize(mean, dim=-1).to(device if device is not None else dev)
+    feats = template_features(clip, tokenizer, templates, classnames, batch_size=batch_size)   # [T, N, E]
+    return F.normalize(feats.mean(0), dim=-1).to(device if device is not None else dev)
 
 
 @torch.no_grad()

@@ -65,7 +65,7 @@ from . import losses, selfreg
 from ..clip import image_size
 from .checkpoint import clip_record, load_prompt_state, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import RunConfig, save_config
-from ..inference import autocast
+from ..inference import autocast, warn_slow_matmuls
 from ..model import IntCoOp
 from .inputs import AttributeData, IndexDataset, attribute_data, build_model, check_classes, load_training_data
 from .step import StepModule, check_train_config, lr_factor, step_precision
@@ -134,6 +134,7 @@ class Trainer:
         self.model = (model if model is not None else build_model(config.model)).to(self.device)
         self.config = dataclasses.replace(config, model=self.model.config)
         self.precision = step_precision(self.model.config.precision, tc.precision)   # what autocast gets
+        warn_slow_matmuls(self.precision, self.device)
         self.out = Path(tc.out)
         self.step, self.epoch = 0, 0
         self.metrics: dict = {}

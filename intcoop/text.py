@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vision import QUICK, block_mlp, plain_mlp, quick_gelu_mlps
+from .vision import QUICK, block_mlp, mlp_hidden, plain_mlp, quick_gelu_mlps
 from .ops.prefix_attention import HostSegments, prefix_attention
 
 __all__ = ["ClassSuffixes", "class_suffixes", "encode_prompts", "template_features", "TextTower"]
@@ -168,12 +168,8 @@ class TextTower:
             xr = x.view(-1, D)
             xr.addmm_(attn.reshape(-1, D), out.weight.t()).add_(out.bias)
         h = blk.ln_2(xr)
-        fc, proj = blk.mlp.c_fc, blk.mlp.c_proj
-        buf = s.get("mlp", (h.shape[0], fc.out_features), h)
-        if self._quick:                                # QuickGELU, its 1.702 in the GEMMs (module docstring)
-            y = F.silu(torch.addmm(fc.bias, h, fc.weight.t(), beta=QUICK, alpha=QUICK, out=buf), inplace=True)
-        else:
-            y = blk.mlp.gelu(torch.addmm(fc.bias, h, fc.weight.t(), out=buf))
+        y = mlp_hidden(blk, h, self._quick, s.get("mlp", (h.shape[0], blk.mlp.c_fc.out_features), h))
+        proj = blk.mlp.c_proj
         xr.addmm_(y, proj.weight.t(), alpha=1 / QUICK if self._quick else 1).add_(proj.bias)
         return x
 
@@ -285,6 +281,8 @@ def template_features(clip, tokenizer, templates, classnames, max_rows: int = 1 
     prompt's tokenisation whenever the head ends in a space (CLIP's BPE never joins across one); it is checked
     per template, and a template where it differs for some class, or whose prompt exceeds the context (which
     encode_text truncates), goes through clip.encode_text instead, batch_size prompts at a time."""
+    if not classnames:
+        raise ValueError("the class list is empty")
     tower = TextTower(clip)
     emb = clip.token_embedding
     dev = emb.weight.device

@@ -4,6 +4,8 @@ form of open_clip's transformer blocks that it and the fast text encoder run.
     prompted_image_features(visual, images [B, 3, H, W], prompts [J tensors [n, Wv] or [B, n, Wv]], tokens)
         -> (f(x) [B, E], Z(x) [B, 1 + L, Wv] or None)
     block_mlp(blk, h [..., D]) -> blk.mlp(h), QuickGELU's 1.702 folded into the GEMMs (quick_gelu_mlps(blocks))
+    mlp_hidden(blk, rows [R, D], quick, out=None) -> [R, 4D]: the hidden rows that block_mlp (and the text tower)
+        feed c_proj
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from torch import nn
 
 from .clip import _plain_vit
 
-__all__ = ["prompted_image_features", "block_mlp", "plain_mlp", "quick_gelu_mlps"]
+__all__ = ["prompted_image_features", "block_mlp", "mlp_hidden", "plain_mlp", "quick_gelu_mlps"]
 
 QUICK = 1.702       # QuickGELU(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702
 
@@ -33,11 +35,22 @@ def quick_gelu_mlps(blocks) -> bool:
 def block_mlp(blk, h: torch.Tensor) -> torch.Tensor:
     """blk.mlp(h), h [..., D], for a block whose MLP `quick_gelu_mlps` accepts: c_proj'(silu(c_fc'(h))) with
     QuickGELU's 1.702 inside the GEMMs (addmm's alpha / beta): one elementwise pass instead of three."""
-    fc, proj = blk.mlp.c_fc, blk.mlp.c_proj
     rows = h.reshape(-1, h.shape[-1])
-    y = torch.addmm(fc.bias, rows, fc.weight.t(), beta=QUICK, alpha=QUICK)          # 1.702 * c_fc(h)
-    out = torch.addmm(proj.bias, F.silu(y), proj.weight.t(), alpha=1 / QUICK)
+    proj = blk.mlp.c_proj
+    out = torch.addmm(proj.bias, mlp_hidden(blk, rows, True), proj.weight.t(), alpha=1 / QUICK)
     return out.view(*h.shape[:-1], out.shape[-1])
+
+
+def mlp_hidden(blk, rows: torch.Tensor, quick: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The MLP's hidden rows [R, 4D] of rows [R, D] (written into `out` when given, autograd off): gelu(c_fc(rows)),
+    or with quick 1.702 x QuickGELU(c_fc(rows)) = silu(1.702 c_fc(rows)), which c_proj's GEMM then scales by
+    1 / 1.702 (addmm's alpha)."""
+    fc = blk.mlp.c_fc
+    kw = {} if out is None else {"out": out}
+    if not quick:
+        return blk.mlp.gelu(torch.addmm(fc.bias, rows, fc.weight.t(), **kw))
+    y = torch.addmm(fc.bias, rows, fc.weight.t(), beta=QUICK, alpha=QUICK, **kw)      # 1.702 * c_fc(h)
+    return F.silu(y, inplace=out is not None)
 
 
 def _vit_block(blk, x: torch.Tensor, quick: bool) -> torch.Tensor:
